@@ -1,0 +1,19 @@
+"""Typed settings of the attribution pipeline (defaults live in config.yaml)."""
+
+from config.settings import (
+    PROJECT_ROOT,
+    ApiSettings,
+    LocalModelSettings,
+    Settings,
+    SettingsError,
+    load_settings,
+)
+
+__all__ = [
+    "PROJECT_ROOT",
+    "ApiSettings",
+    "LocalModelSettings",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+]

@@ -1,0 +1,221 @@
+"""DuckDB attached to the challenge SQLite file: the one access path for reads and writes."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import duckdb
+import duckdb_extension_sqlite_scanner
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+SOURCE_ALIAS = "src"
+SQL_DIR = Path(__file__).parent / "sql"
+
+SOURCE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "session_sources": (
+        "session_id",
+        "user_id",
+        "event_date",
+        "event_time",
+        "channel_name",
+        "holder_engagement",
+        "closer_engagement",
+        "impression_interaction",
+    ),
+    "session_costs": ("session_id", "cost"),
+    "conversions": ("conv_id", "user_id", "conv_date", "conv_time", "revenue"),
+}
+OUTPUT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "attribution_customer_journey": ("conv_id", "session_id", "ihc"),
+    "channel_reporting": ("channel_name", "date", "cost", "ihc", "ihc_revenue"),
+}
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used as it is; the message says what is wrong."""
+
+
+class RunLockedError(DatabaseError):
+    """Another run holds the database."""
+
+
+@cache
+def sql(name: str) -> str:
+    """The text of ``tasks/sql/<name>.sql``."""
+    return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
+
+
+def sqlite_extension_path() -> Path:
+    """The SQLite scanner shipped by the pinned PyPI package (never downloaded)."""
+    package_dir = Path(duckdb_extension_sqlite_scanner.__file__).parent
+    version = duckdb.__version__
+    candidate = package_dir / "extensions" / f"v{version}" / "sqlite_scanner.duckdb_extension"
+    if candidate.is_file():
+        return candidate
+    found = sorted(package_dir.glob("extensions/*/sqlite_scanner.duckdb_extension"))
+    if not found:
+        raise DatabaseError(
+            "the DuckDB SQLite extension is missing: install "
+            f"duckdb-extension-sqlite-scanner=={version}"
+        )
+    return found[-1]
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Fail with a clear message when ``path`` is missing or not an SQLite database."""
+    if not path.exists():
+        raise DatabaseError(f"database file not found: {path}")
+    if not path.is_file():
+        raise DatabaseError(f"database path is not a file: {path}")
+    with path.open("rb") as handle:
+        header = handle.read(len(_SQLITE_MAGIC))
+    if header != _SQLITE_MAGIC:
+        raise DatabaseError(f"{path} is not an SQLite database (its header is not SQLite's)")
+
+
+def connect(db_path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with ``db_path`` attached as ``src`` (TYPE sqlite)."""
+    check_sqlite_file(db_path)
+    con = duckdb.connect(
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "threads": max(os.cpu_count() or 1, 1),
+        }
+    )
+    try:
+        con.load_extension(str(sqlite_extension_path()))
+        mode = ", READ_ONLY" if read_only else ""
+        # ATTACH takes no bound parameters: the path goes in as a quoted literal.
+        literal = "'" + str(db_path).replace("'", "''") + "'"
+        con.execute(f"ATTACH {literal} AS {SOURCE_ALIAS} (TYPE sqlite{mode})")
+    except duckdb.Error as exc:
+        con.close()
+        raise DatabaseError(f"cannot open {db_path} as SQLite: {exc}") from exc
+    return con
+
+
+@contextmanager
+def run_lock(db_path: Path, timeout_s: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on ``<db>.lock`` so two runs never write one database."""
+    lock_path = db_path.with_name(db_path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = lock_path.open("a+")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RunLockedError(
+                        f"another attribution run is using {db_path} (lock {lock_path}); "
+                        "wait for it to finish or raise database.lock_timeout_s"
+                    ) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        handle.close()
+
+
+def _table_columns(con: sqlite3.Connection) -> dict[str, set[str]]:
+    tables: dict[str, set[str]] = {}
+    names = con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+    for (name,) in names.fetchall():
+        info = con.execute("SELECT name FROM pragma_table_info(?)", [name]).fetchall()
+        tables[name.lower()] = {column.lower() for (column,) in info}
+    return tables
+
+
+def _missing(tables: dict[str, set[str]], expected: dict[str, tuple[str, ...]]) -> list[str]:
+    problems = []
+    for table, columns in expected.items():
+        if table not in tables:
+            problems.append(f"table {table!r} is missing")
+            continue
+        missing = [c for c in columns if c not in tables[table]]
+        if missing:
+            problems.append(f"table {table!r} lacks column(s) {', '.join(map(repr, missing))}")
+    return problems
+
+
+def prepare_database(db_path: Path, schema_path: Path) -> list[str]:
+    """Validate the source schema and create the missing output tables.
+
+    Runs before DuckDB attaches the file, on a short-lived stdlib connection, so the
+    output tables get the schema file's DDL verbatim (DuckDB would rewrite the types).
+    Returns the tables created. Source tables are never dropped or changed.
+    """
+    check_sqlite_file(db_path)
+    statements = create_table_statements(schema_path)
+    con = sqlite3.connect(db_path, timeout=30)
+    try:
+        tables = _table_columns(con)
+        problems = _missing(tables, SOURCE_COLUMNS)
+        problems += _missing(
+            {t: c for t, c in tables.items() if t in OUTPUT_COLUMNS},
+            {t: c for t, c in OUTPUT_COLUMNS.items() if t in tables},
+        )
+        if problems:
+            raise DatabaseError(f"{db_path}: " + "; ".join(problems))
+        to_create = [t for t in OUTPUT_COLUMNS if t not in tables]
+        absent = [t for t in to_create if t not in statements]
+        if absent:
+            raise DatabaseError(
+                f"schema file {schema_path} has no CREATE TABLE for {', '.join(absent)}"
+            )
+        with con:
+            for table in to_create:
+                con.execute(statements[table])
+        return to_create
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(f"cannot read {db_path} as SQLite: {exc}") from exc
+    finally:
+        con.close()
+
+
+_HEADER_BLOCK = re.compile(r'("""|\'\'\').*?\1', re.DOTALL)
+_CREATE_TABLE = re.compile(
+    r"^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?[\"`\[]?(\w+)[\"`\]]?\s*\(",
+    re.IGNORECASE,
+)
+
+
+def create_table_statements(schema_path: Path) -> dict[str, str]:
+    """The CREATE TABLE statements of a schema file, by table name.
+
+    Accepts the challenge's original file, which starts with a Python-style header
+    (``# -*- coding…`` and a docstring) that SQLite rejects, as well as a clean one.
+    Only CREATE TABLE statements are returned: the file's DROP statements never run.
+    """
+    if not schema_path.is_file():
+        raise DatabaseError(f"schema file not found: {schema_path}")
+    text = _HEADER_BLOCK.sub("", schema_path.read_text(encoding="utf-8"))
+    lines = [
+        line
+        for line in text.splitlines()
+        if not line.lstrip().startswith("#") and not line.lstrip().startswith("--")
+    ]
+    statements: dict[str, str] = {}
+    for statement in "\n".join(lines).split(";"):
+        match = _CREATE_TABLE.match(statement)
+        if match:
+            statements[match.group(1).lower()] = statement.strip()
+    return statements
+
+
+@task(name="prepare-database", cache_policy=NO_CACHE)
+def prepare_database_task(db_path: Path, schema_path: Path) -> list[str]:
+    return prepare_database(db_path, schema_path)

@@ -1,0 +1,94 @@
+"""Channel report with CPO and ROAS as CSV and Parquet, and the run's side files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.db import connect
+
+REPORT_CSV = "channel_reporting.csv"
+REPORT_PARQUET = "channel_reporting.parquet"
+QUARANTINE_CSV = "quarantine.csv"
+FAILED_CSV = "failed_conversions.csv"
+
+
+def read_channel_report(
+    db_path: Path, start_date: date | None = None, end_date: date | None = None
+) -> pl.DataFrame:
+    """channel_reporting rows whose date lies in the range, with ``cpo`` and ``roas``.
+
+    cpo = cost / ihc and roas = ihc_revenue / cost; NULL where the denominator is 0.
+    """
+    con = connect(db_path, read_only=True)
+    try:
+        frame = con.execute(
+            "SELECT CAST(channel_name AS VARCHAR) AS channel_name, "
+            "CAST(date AS VARCHAR) AS date, cost, ihc, ihc_revenue "
+            "FROM src.channel_reporting ORDER BY channel_name, date"
+        ).pl()
+    finally:
+        con.close()
+    frame = frame.with_columns(
+        pl.col("date").str.to_date("%Y-%m-%d"),
+        pl.col("cost", "ihc", "ihc_revenue").cast(pl.Float64),
+    )
+    if start_date is not None:
+        frame = frame.filter(pl.col("date") >= start_date)
+    if end_date is not None:
+        frame = frame.filter(pl.col("date") <= end_date)
+    return frame.with_columns(
+        cpo=pl.when(pl.col("ihc") != 0).then(pl.col("cost") / pl.col("ihc")),
+        roas=pl.when(pl.col("cost") != 0).then(pl.col("ihc_revenue") / pl.col("cost")),
+    ).sort("channel_name", "date")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``.
+
+    A crash leaves the previous file or the new one, never a truncated one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with tmp.open("rb") as done:
+            os.fsync(done.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_report(report: pl.DataFrame, output_dir: Path) -> list[Path]:
+    """The channel report as CSV (NULL written as an empty field) and Parquet."""
+    csv_path = output_dir / REPORT_CSV
+    parquet_path = output_dir / REPORT_PARQUET
+    write_atomically(csv_path, lambda p: report.write_csv(p, date_format="%Y-%m-%d"))
+    write_atomically(parquet_path, lambda p: report.write_parquet(p))
+    return [csv_path, parquet_path]
+
+
+def write_side_file(frame: pl.DataFrame, path: Path) -> Path | None:
+    """Write ``frame`` as CSV when it has rows; remove a stale file when it has none."""
+    if frame.is_empty():
+        path.unlink(missing_ok=True)
+        return None
+    write_atomically(path, lambda p: frame.write_csv(p))
+    return path
+
+
+@task(name="export-channel-report", cache_policy=NO_CACHE)
+def export_report_task(
+    db_path: Path, output_dir: Path, start_date: date | None, end_date: date | None
+) -> tuple[pl.DataFrame, list[Path]]:
+    report = read_channel_report(db_path, start_date, end_date)
+    return report, export_report(report, output_dir)

@@ -1,0 +1,179 @@
+"""Write attribution_customer_journey and channel_reporting in one checked transaction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.db import connect, sql
+from tasks.sources import SourceSnapshot
+
+RELATIVE_TOLERANCE = 1e-9
+ABSOLUTE_TOLERANCE = 1e-6
+
+
+class ReconciliationError(RuntimeError):
+    """A check every run makes failed; nothing was written."""
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    rows_deleted: int
+    rows_written: int
+    conversions_written: int
+    report_rows: int
+    report_changed: bool
+    attributed_conversions: int
+    attributed_revenue: float
+    report_cost: float
+    report_ihc: float
+    report_revenue: float
+
+
+def attributed_conversion_ids(db_path: Path) -> pl.DataFrame:
+    """The conversions that already have rows in attribution_customer_journey."""
+    con = connect(db_path, read_only=True)
+    try:
+        return con.execute(
+            "SELECT DISTINCT CAST(conv_id AS VARCHAR) AS conv_id "
+            "FROM src.attribution_customer_journey ORDER BY conv_id"
+        ).pl()
+    finally:
+        con.close()
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=RELATIVE_TOLERANCE, abs_tol=ABSOLUTE_TOLERANCE)
+
+
+def _reconcile(con: duckdb.DuckDBPyConnection, snapshot: SourceSnapshot) -> tuple:
+    row = con.execute(sql("report_checks")).fetchone()
+    assert row is not None
+    (cost, ihc, revenue, attributed, attributed_revenue, bad_sums, unknown_s, unknown_c) = row
+    problems = []
+    if bad_sums:
+        problems.append(f"{bad_sums} conversion(s) whose ihc values do not sum to 1")
+    if unknown_s:
+        problems.append(
+            f"{unknown_s} attribution row(s) reference sessions missing from session_sources "
+            "(or quarantined); rerun with --refresh after fixing the source data"
+        )
+    if unknown_c:
+        problems.append(
+            f"{unknown_c} attribution row(s) reference conversions missing from conversions "
+            "(or quarantined)"
+        )
+    if not _close(cost, snapshot.total_cost):
+        problems.append(f"report cost {cost:.6f} != total session cost {snapshot.total_cost:.6f}")
+    if not _close(ihc, float(attributed)):
+        problems.append(f"report ihc {ihc:.9f} != attributed conversions {attributed}")
+    if not _close(revenue, attributed_revenue):
+        problems.append(
+            f"report ihc_revenue {revenue:.6f} != attributed revenue {attributed_revenue:.6f}"
+        )
+    if problems:
+        raise ReconciliationError("reconciliation failed: " + "; ".join(problems))
+    return cost, ihc, revenue, int(attributed), float(attributed_revenue)
+
+
+def write_results(
+    db_path: Path,
+    snapshot: SourceSnapshot,
+    new_rows: pl.DataFrame,
+    replace_conv_ids: pl.Series,
+) -> WriteOutcome:
+    """Replace the attribution of ``replace_conv_ids`` by ``new_rows``, rebuild the report.
+
+    One SQLite transaction: delete by conv_id, insert, rebuild channel_reporting,
+    reconcile; any failure rolls everything back, so the tables are never half-written.
+    ``new_rows`` has columns conv_id, session_id, ihc.
+    """
+    con = connect(db_path)
+    try:
+        con.register("snapshot_sessions", snapshot.sessions)
+        con.register("snapshot_conversions", snapshot.conversions)
+        con.register("snapshot_day_costs", snapshot.day_costs)
+        con.register("replace_ids", pl.DataFrame({"conv_id": replace_conv_ids.cast(pl.String)}))
+        con.register(
+            "new_rows",
+            new_rows.select(
+                pl.col("conv_id").cast(pl.String),
+                pl.col("session_id").cast(pl.String),
+                pl.col("ihc").cast(pl.Float64),
+            ),
+        )
+        con.execute("BEGIN TRANSACTION")
+        try:
+            deleted = con.execute(
+                "SELECT count(*) FROM src.attribution_customer_journey "
+                "WHERE conv_id IN (SELECT conv_id FROM replace_ids)"
+            ).fetchone()[0]
+            if replace_conv_ids.len():
+                con.execute(sql("attributed_to_delete"))
+            if new_rows.height:
+                con.execute(
+                    "INSERT INTO src.attribution_customer_journey (conv_id, session_id, ihc) "
+                    "SELECT conv_id, session_id, ihc FROM new_rows ORDER BY conv_id, session_id"
+                )
+            con.execute(sql("channel_report"))
+            cost, ihc, revenue, attributed, attributed_revenue = _reconcile(con, snapshot)
+            changed = con.execute(
+                "SELECT count(*) FROM ("
+                "(SELECT channel_name, date, cost, ihc, ihc_revenue FROM new_channel_report "
+                " EXCEPT ALL SELECT CAST(channel_name AS VARCHAR), CAST(date AS VARCHAR), "
+                " cost, ihc, ihc_revenue FROM src.channel_reporting) UNION ALL "
+                "(SELECT CAST(channel_name AS VARCHAR), CAST(date AS VARCHAR), cost, ihc, "
+                " ihc_revenue FROM src.channel_reporting EXCEPT ALL "
+                " SELECT channel_name, date, cost, ihc, ihc_revenue FROM new_channel_report))"
+            ).fetchone()[0]
+            if changed:
+                con.execute("DELETE FROM src.channel_reporting")
+                con.execute(
+                    "INSERT INTO src.channel_reporting "
+                    "(channel_name, date, cost, ihc, ihc_revenue) "
+                    "SELECT channel_name, date, cost, ihc, ihc_revenue FROM new_channel_report "
+                    "ORDER BY channel_name, date"
+                )
+            report_rows = con.execute("SELECT count(*) FROM new_channel_report").fetchone()[0]
+            if new_rows.height or replace_conv_ids.len() or changed:
+                con.execute("COMMIT")
+            else:
+                con.execute("ROLLBACK")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return WriteOutcome(
+            rows_deleted=int(deleted),
+            rows_written=new_rows.height,
+            conversions_written=new_rows["conv_id"].n_unique() if new_rows.height else 0,
+            report_rows=int(report_rows),
+            report_changed=bool(changed),
+            attributed_conversions=attributed,
+            attributed_revenue=attributed_revenue,
+            report_cost=float(cost),
+            report_ihc=float(ihc),
+            report_revenue=float(revenue),
+        )
+    finally:
+        con.close()
+
+
+@task(name="write-attribution-and-channel-report", cache_policy=NO_CACHE)
+def write_results_task(
+    db_path: Path,
+    snapshot: SourceSnapshot,
+    new_rows: pl.DataFrame,
+    replace_conv_ids: pl.Series,
+) -> WriteOutcome:
+    return write_results(db_path, snapshot, new_rows, replace_conv_ids)
+
+
+@task(name="read-attributed-conversions", cache_policy=NO_CACHE)
+def attributed_conversion_ids_task(db_path: Path) -> pl.DataFrame:
+    return attributed_conversion_ids(db_path)

@@ -1,0 +1,168 @@
+"""Read the source tables once: usable rows, quarantined rows, spend per channel-day."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+from prefect import task
+from prefect.context import TaskRunContext
+
+from tasks.db import connect, sql
+
+QUARANTINE_COLUMNS = {
+    "session_sources": [
+        "session_id",
+        "user_id",
+        "channel_name",
+        "raw_event_date",
+        "raw_event_time",
+        "raw_holder_engagement",
+        "raw_closer_engagement",
+        "raw_impression_interaction",
+        "raw_cost",
+    ],
+    "conversions": ["conv_id", "user_id", "raw_conv_date", "raw_conv_time", "raw_revenue"],
+}
+
+
+@dataclass(frozen=True)
+class SourceSnapshot:
+    """What the pipeline needs from the source tables, small enough to cache.
+
+    ``sessions`` holds only usable sessions of users who converted: every journey
+    (whatever the look-back or tie setting) is drawn from them, and the report looks
+    up attributed sessions there.
+    """
+
+    sessions: pl.DataFrame
+    conversions: pl.DataFrame
+    day_costs: pl.DataFrame
+    invalid_counts: pl.DataFrame
+    invalid_examples: pl.DataFrame
+    total_sessions: int
+    total_conversions: int
+    total_cost: float
+
+
+def file_identity(db_path: Path) -> str:
+    """Cheap identity of the database file's current contents.
+
+    Size, modification time and SQLite's file change counter (header bytes 24–27,
+    bumped by every write transaction): any write to the file changes it.
+    """
+    stat = db_path.stat()
+    with db_path.open("rb") as handle:
+        header = handle.read(28)
+    counter = int.from_bytes(header[24:28], "big") if len(header) == 28 else -1
+    return f"{db_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{counter}"
+
+
+def snapshot_cache_key(_: TaskRunContext | None, inputs: dict[str, Any]) -> str:
+    """Cache key of a snapshot: the database's identity and the quality settings."""
+    raw = f"source-snapshot-v1|{inputs['identity']}|{inputs['max_examples']}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _examples(con: duckdb.DuckDBPyConnection, table: str, staged: str, limit: int) -> pl.DataFrame:
+    columns = QUARANTINE_COLUMNS[table]
+    values = ", ".join(f"CAST({c} AS VARCHAR)" for c in columns)
+    keys = ", ".join(f"'{c}'" for c in columns)
+    frame = con.execute(
+        f"""
+        SELECT ? AS source_table, invalid_reason AS reason,
+               to_json(map([{keys}], [{values}])) AS row_values
+        FROM {staged}
+        WHERE invalid_reason IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY invalid_reason ORDER BY rowid) <= ?
+        ORDER BY reason, row_values
+        """,
+        [table, limit],
+    ).pl()
+    return frame
+
+
+def read_snapshot(db_path: Path, max_examples: int) -> SourceSnapshot:
+    """Stage the three source tables in DuckDB and keep what the pipeline needs."""
+    con = connect(db_path, read_only=True)
+    try:
+        # Values of the wrong storage class become text we can report, not a scan error.
+        con.execute("SET sqlite_all_varchar = true")
+        con.execute(sql("stage_sessions"))
+        con.execute(sql("stage_conversions"))
+        orphan_costs = con.execute(sql("orphan_costs")).pl()
+        invalid_counts = pl.concat(
+            [
+                con.execute(
+                    "SELECT 'session_sources' AS source_table, invalid_reason AS reason, "
+                    "count(*) AS rows FROM staged_sessions WHERE invalid_reason IS NOT NULL "
+                    "GROUP BY ALL"
+                ).pl(),
+                con.execute(
+                    "SELECT 'conversions' AS source_table, invalid_reason AS reason, "
+                    "count(*) AS rows FROM staged_conversions WHERE invalid_reason IS NOT NULL "
+                    "GROUP BY ALL"
+                ).pl(),
+                orphan_costs.group_by("source_table", "reason").agg(pl.len().alias("rows")),
+            ],
+            how="vertical_relaxed",
+        ).sort("source_table", "reason")
+        invalid_examples = pl.concat(
+            [
+                _examples(con, "session_sources", "staged_sessions", max_examples),
+                _examples(con, "conversions", "staged_conversions", max_examples),
+                orphan_costs.head(max_examples),
+            ],
+            how="vertical_relaxed",
+        )
+        sessions = con.execute(sql("converting_users_sessions")).pl()
+        conversions = con.execute(
+            "SELECT conv_id, user_id, conv_ts, conv_day, revenue FROM staged_conversions "
+            "WHERE invalid_reason IS NULL ORDER BY conv_id"
+        ).pl()
+        day_costs = con.execute(sql("day_costs")).pl()
+        totals = con.execute(
+            "SELECT count(*), coalesce(sum(cost), 0) FROM staged_sessions "
+            "WHERE invalid_reason IS NULL"
+        ).fetchone()
+        assert totals is not None
+        return SourceSnapshot(
+            sessions=sessions,
+            conversions=conversions,
+            day_costs=day_costs,
+            invalid_counts=invalid_counts.with_columns(pl.col("rows").cast(pl.Int64)),
+            invalid_examples=invalid_examples,
+            total_sessions=int(totals[0]),
+            total_conversions=conversions.height,
+            total_cost=float(totals[1]),
+        )
+    finally:
+        con.close()
+
+
+@task(
+    name="read-source-tables",
+    cache_key_fn=snapshot_cache_key,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=2,
+)
+def read_snapshot_task(db_path: Path, identity: str, max_examples: int) -> SourceSnapshot:
+    """Cached by database identity: an unchanged database is not read twice."""
+    return read_snapshot(db_path, max_examples)
+
+
+@task(name="remember-source-snapshot", cache_key_fn=snapshot_cache_key, persist_result=True)
+def remember_snapshot_task(
+    snapshot: SourceSnapshot, identity: str, max_examples: int
+) -> SourceSnapshot:
+    """Store the snapshot under the identity the file has after the pipeline's own writes.
+
+    The pipeline writes only its output tables, so the sources read before the write
+    are still the sources after it; the next run with nothing changed hits the cache.
+    """
+    return snapshot

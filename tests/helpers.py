@@ -1,0 +1,53 @@
+"""Hand-built challenge databases with known answers."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tasks.db import create_table_statements
+
+ORIGINAL_SCHEMA = Path(__file__).resolve().parent.parent / "data" / "challenge_db_create.sql"
+
+Session = tuple[str, str, str, str, str, int, int, int]
+Conversion = tuple[str, str, str, str, float]
+
+
+def build_db(
+    path: Path,
+    sessions: Iterable[Sequence[object]],
+    conversions: Iterable[Sequence[object]],
+    costs: Iterable[Sequence[object]] = (),
+    *,
+    with_keys: bool = True,
+) -> Path:
+    """A challenge-shaped SQLite file with exactly these rows.
+
+    ``with_keys=False`` creates the source tables without primary keys, as some real
+    databases are, so duplicates can exist.
+    """
+    statements = create_table_statements(ORIGINAL_SCHEMA)
+    con = sqlite3.connect(path)
+    try:
+        for table in ("session_sources", "session_costs", "conversions"):
+            ddl = statements[table]
+            if not with_keys:
+                ddl = ddl.replace("NOT NULL", "").rsplit(",", 1)[0] + "\n)"
+            con.execute(ddl)
+        con.executemany("INSERT INTO session_sources VALUES (?, ?, ?, ?, ?, ?, ?, ?)", sessions)
+        con.executemany("INSERT INTO session_costs VALUES (?, ?)", costs)
+        con.executemany("INSERT INTO conversions VALUES (?, ?, ?, ?, ?)", conversions)
+        con.commit()
+    finally:
+        con.close()
+    return path
+
+
+def table_rows(path: Path, table: str) -> list[tuple]:
+    """All rows of ``table`` in storage order, straight from SQLite."""
+    con = sqlite3.connect(path)
+    try:
+        return con.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+    finally:
+        con.close()
