@@ -14,24 +14,24 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import polars as pl  # noqa: E402
-from prefect import flow, get_run_logger  # noqa: E402
+import polars as pl
+from prefect import flow, get_run_logger
 
-from config.settings import PROJECT_ROOT, Settings, SettingsError, load_settings  # noqa: E402
-from flows.parameters import ParameterError, Provider, RunParameters, parse_parameters  # noqa: E402
-from tasks.attribution import AttributionOutcome, attribute_locally_task, check_results  # noqa: E402
-from tasks.db import DatabaseError, prepare_database_task, run_lock  # noqa: E402
-from tasks.export import FAILED_CSV, QUARANTINE_CSV, export_report_task, write_side_file  # noqa: E402
-from tasks.ihc_client import (  # noqa: E402
+from config.settings import PROJECT_ROOT, Settings, SettingsError, load_settings
+from flows.parameters import ParameterError, Provider, RunParameters, parse_parameters
+from tasks.attribution import AttributionOutcome, attribute_locally_task, check_results
+from tasks.db import DatabaseError, prepare_database_task, run_lock
+from tasks.export import FAILED_CSV, QUARANTINE_CSV, export_report_task, write_side_file
+from tasks.ihc_client import (
     api_settings_from_env,
     attribute_with_api,
     resolve_api_key,
 )
-from tasks.journeys import build_journeys  # noqa: E402
-from tasks.persist import attributed_conversion_ids_task, write_results_task  # noqa: E402
-from tasks.sample_data import generate_sample_database  # noqa: E402
-from tasks.sources import file_identity, read_snapshot_task, remember_snapshot_task  # noqa: E402
-from tasks.summary import RunSummary, add_report_totals, publish_artifacts_task  # noqa: E402
+from tasks.journeys import build_journeys
+from tasks.persist import attributed_conversion_ids_task, write_results_task
+from tasks.sample_data import generate_sample_database
+from tasks.sources import file_identity, read_snapshot_task, remember_snapshot_task
+from tasks.summary import RunSummary, add_report_totals, publish_artifacts_task
 
 DEFAULT_DB = PROJECT_ROOT / "data" / "challenge.db"
 
@@ -199,14 +199,12 @@ def attribution_flow(
             "conversion_id", keep="first", maintain_order=True
         )
         good = outcome.results.join(failed, on="conversion_id", how="anti")
-        new_rows = good.select(
-            pl.col("conversion_id").alias("conv_id"), "session_id", "ihc"
-        ).sort("conv_id", "session_id")
+        new_rows = good.select(pl.col("conversion_id").alias("conv_id"), "session_id", "ihc").sort(
+            "conv_id", "session_id"
+        )
         replace = new_rows["conv_id"].unique()
         if params.refresh:
-            replace = pl.concat(
-                [replace, journey_set.without_journey["conv_id"]]
-            ).unique().sort()
+            replace = pl.concat([replace, journey_set.without_journey["conv_id"]]).unique().sort()
         written = write_results_task(db, snapshot, new_rows, replace)
         remember_snapshot_task(snapshot, file_identity(db), settings.quality.max_examples)
     summary.attributed_conversions = new_rows["conv_id"].n_unique()
@@ -238,23 +236,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attribute conversions with the IHC model and export the channel report "
         "(cost, ihc, ihc_revenue, CPO, ROAS per channel and day).",
     )
-    parser.add_argument("--start-date", type=date.fromisoformat, help="first conversion date, "
-                        "YYYY-MM-DD (inclusive)")
-    parser.add_argument("--end-date", type=date.fromisoformat, help="last conversion date, "
-                        "YYYY-MM-DD (inclusive)")
-    parser.add_argument("--window-days", type=int, help="attribute the last N full days (UTC) "
-                        "instead of a fixed range; 1 = yesterday")
-    parser.add_argument("--db", dest="db_path", help="SQLite database (default from config: "
-                        "data/challenge.db, created with sample data when missing)")
+    parser.add_argument(
+        "--start-date",
+        type=date.fromisoformat,
+        help="first conversion date, YYYY-MM-DD (inclusive)",
+    )
+    parser.add_argument(
+        "--end-date", type=date.fromisoformat, help="last conversion date, YYYY-MM-DD (inclusive)"
+    )
+    parser.add_argument(
+        "--window-days",
+        type=int,
+        help="attribute the last N full days (UTC) instead of a fixed range; 1 = yesterday",
+    )
+    parser.add_argument(
+        "--db",
+        dest="db_path",
+        help="SQLite database (default from config: "
+        "data/challenge.db, created with sample data when missing)",
+    )
     parser.add_argument("--output-dir", help="where the CSV/Parquet report is written")
-    parser.add_argument("--config", dest="config_path", help="settings YAML "
-                        "(default config/config.yaml)")
-    parser.add_argument("--provider", choices=["auto", "local", "api"],
-                        help="auto = api when an API key is configured, else local")
-    parser.add_argument("--refresh", action="store_true",
-                        help="recompute conversions that are already attributed")
-    parser.add_argument("--serve", action="store_true",
-                        help="serve the scheduled deployments with flow.serve (no work pool)")
+    parser.add_argument(
+        "--config", dest="config_path", help="settings YAML (default config/config.yaml)"
+    )
+    parser.add_argument(
+        "--provider",
+        choices=["auto", "local", "api"],
+        help="auto = api when an API key is configured, else local",
+    )
+    parser.add_argument(
+        "--refresh", action="store_true", help="recompute conversions that are already attributed"
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the scheduled deployments with flow.serve (no work pool)",
+    )
     return parser
 
 

@@ -36,9 +36,7 @@ class RunParameters(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> RunParameters:
         if self.start_date and self.end_date and self.end_date < self.start_date:
-            raise ValueError(
-                f"end_date {self.end_date} is before start_date {self.start_date}"
-            )
+            raise ValueError(f"end_date {self.end_date} is before start_date {self.start_date}")
         if self.window_days is not None and (self.start_date or self.end_date):
             raise ValueError("give either window_days or start_date/end_date, not both")
         return self

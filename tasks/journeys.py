@@ -79,8 +79,9 @@ def build_journeys(
         .filter(before)
         .sort("conv_id", "ts", "session_id")
         .with_columns(
-            conversion=(pl.int_range(pl.len()).over("conv_id") == pl.len().over("conv_id") - 1)
-            .cast(pl.Int8)
+            conversion=(
+                pl.int_range(pl.len()).over("conv_id") == pl.len().over("conv_id") - 1
+            ).cast(pl.Int8)
         )
         .select(
             pl.col("conv_id").alias("conversion_id"),
@@ -98,11 +99,15 @@ def build_journeys(
         # Lazy results do not keep row order: the journey order is part of the contract.
         .sort("conversion_id", "timestamp", "session_id")
     )
-    without = selected.join(
-        journeys.select(pl.col("conversion_id").alias("conv_id")).unique(),
-        on="conv_id",
-        how="anti",
-    ).select("conv_id", "user_id", "conv_ts", "revenue").sort("conv_id")
+    without = (
+        selected.join(
+            journeys.select(pl.col("conversion_id").alias("conv_id")).unique(),
+            on="conv_id",
+            how="anti",
+        )
+        .select("conv_id", "user_id", "conv_ts", "revenue")
+        .sort("conv_id")
+    )
     return JourneySet(
         journeys=journeys,
         conversions_in_range=selected.select("conv_id", "revenue").sort("conv_id"),

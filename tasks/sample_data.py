@@ -25,8 +25,8 @@ import math
 import os
 import sqlite3
 import sys
-import tempfile
 import time
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -78,6 +78,8 @@ DAY_FACTORS = (100, 102, 98, 93, 85, 90, 105, 103, 100, 97)
 
 @dataclass(frozen=True)
 class Channel:
+    """A marketing channel as the generator shapes it; days count from 0 = FIRST_DAY."""
+
     name: str
     sessions_pm: int  # share of all sessions, per mille
     journey_pm: int  # share of converting users' sessions, per mille (0: never in a journey)
@@ -213,11 +215,12 @@ def _conversion_plan(scale: float) -> pl.DataFrame:
     sessionless = _scaled(SESSIONLESS_CONVERSIONS, scale)
     lengths = _apportion(JOURNEY_LENGTHS, conversions - ties - sessionless)
 
-    pair_count = _scaled(len(TWO_CONVERSION_JOURNEYS), scale)
-    cycles, rest = divmod(pair_count, len(TWO_CONVERSION_JOURNEYS))
-    pairs = list(TWO_CONVERSION_JOURNEYS[:rest])
-    used = Counter(length for pair in pairs for length in pair)
-    used.update({length: n * cycles for length, n in _pair_length_counts().items()})
+    base_pairs = pl.DataFrame(
+        TWO_CONVERSION_JOURNEYS, schema={"first": pl.Int64, "second": pl.Int64}, orient="row"
+    )
+    cycles, rest = divmod(_scaled(base_pairs.height, scale), base_pairs.height)
+    pairs = pl.concat([base_pairs] * cycles + [base_pairs.head(rest)]).with_row_index("pair")
+    used = Counter(pairs["first"].to_list() + pairs["second"].to_list())
     same_time_length = 3 if lengths.get(3, 0) - used[3] > 0 else 2
     used[same_time_length] += _scaled(SAME_TIMESTAMP_JOURNEYS, scale)
     used[1] += _scaled(MIDNIGHT_JOURNEYS, scale) + _scaled(LATER_TIME_OF_DAY_JOURNEYS, scale)
@@ -240,14 +243,7 @@ def _conversion_plan(scale: float) -> pl.DataFrame:
         block("tie", 0, ties, own=1),
         block("none", 0, sessionless, own=0),
     ]
-    all_pairs = pl.DataFrame(
-        {
-            "first": [a for a, _ in TWO_CONVERSION_JOURNEYS] * cycles + [a for a, _ in pairs],
-            "second": [b for _, b in TWO_CONVERSION_JOURNEYS] * cycles + [b for _, b in pairs],
-        },
-        schema={"first": pl.Int64, "second": pl.Int64},
-    ).with_row_index("pair")
-    pair_rows = all_pairs.select(
+    pair_rows = pairs.select(
         "pair",
         pl.concat_list(pl.lit("pair_first"), pl.lit("pair_second")).alias("kind"),
         pl.concat_list("first", "second").alias("length"),
@@ -259,10 +255,6 @@ def _conversion_plan(scale: float) -> pl.DataFrame:
         pl.col("pair").cast(pl.Int64),
         ((pl.col("kind") != "pair_second").cum_sum() - 1).cast(pl.Int64).alias("user"),
     )
-
-
-def _pair_length_counts() -> Counter[int]:
-    return Counter(length for pair in TWO_CONVERSION_JOURNEYS for length in pair)
 
 
 def _conversion_times(plan: pl.DataFrame, rng: _Random) -> pl.DataFrame:
@@ -349,18 +341,26 @@ def _journey_sessions(plan: pl.DataFrame, rng: _Random) -> pl.DataFrame:
     raise RuntimeError("could not draw distinct journey timestamps")
 
 
-def _channel_days(weight: str) -> pl.DataFrame:
-    """Channel-days with integer sampling weights and their cumulative upper bounds."""
+def _channel_days(*, journeys: bool) -> pl.DataFrame:
+    """Channel-days with integer sampling weights and their cumulative upper bounds.
+
+    ``journeys``: the days' weights for converting users' sessions, else each channel's
+    share of all sessions spread over its active days.
+    """
     rows = [
-        (channel.name, day, getattr(channel, weight) * DAY_FACTORS[day] * DAYS)
+        (
+            channel.name,
+            day,
+            (channel.journey_pm if journeys else channel.sessions_pm) * DAY_FACTORS[day] * DAYS,
+        )
         for channel in CHANNELS
         for day in channel.active_days
-        if weight == "sessions_pm" or day not in channel.no_journey_days
+        if not (journeys and day in channel.no_journey_days)
     ]
     frame = pl.DataFrame(
         rows, schema={"channel_name": pl.String, "day": pl.Int64, "weight": pl.Int64}, orient="row"
     )
-    if weight == "sessions_pm":
+    if not journeys:
         frame = frame.with_columns(pl.col("weight") // pl.len().over("channel_name"))
     frame = frame.filter(pl.col("weight") > 0).sort("day", "channel_name")
     return frame.with_columns(pl.col("weight").cum_sum().alias("upper"))
@@ -379,17 +379,41 @@ def _pick_channel(
 
 
 def _journey_channels(sessions: pl.DataFrame, rng: _Random) -> pl.DataFrame:
-    """A journey channel per session, among the channels active on the session's day."""
-    channel_days = _channel_days("journey_pm")
+    """A journey channel per session, among the channels allowed on the session's day.
+
+    On each day the first sessions, in a random order, take the day's channels in turn,
+    so that exactly the channel-days meant to lack attribution lack it.
+    """
+    channel_days = _channel_days(journeys=True).with_row_index("cover")
     per_day = channel_days.group_by("day", maintain_order=True).agg(
+        pl.col("cover").first().alias("first"),
+        pl.len().alias("channels"),
         (pl.col("upper") - pl.col("weight")).first().alias("start"),
         pl.col("weight").sum().alias("total"),
     )
-    sessions = sessions.with_columns((pl.col("ts") // 86_400).alias("day")).join(
-        per_day, on="day", how="left", maintain_order="left"
+    row = pl.col("row")
+    order = pl.when(pl.col("kind") != "tie").then(rng.uniform("journey/cover", row)).otherwise(2.0)
+    turn = (order.rank("ordinal").over("day") - 1).cast(pl.Int64)
+    sessions = (
+        sessions.with_columns((pl.col("ts") // 86_400).alias("day"))
+        .join(per_day, on="day", how="left", maintain_order="left")
+        .with_columns(
+            pl.when(turn < pl.col("channels")).then(pl.col("first") + turn).alias("cover")
+        )
+        .join(
+            channel_days.select("cover", pl.col("upper").alias("cover_upper")),
+            on="cover",
+            how="left",
+            maintain_order="left",
+        )
     )
-    target = pl.col("start") + rng.below("journey/channel", pl.col("row"), pl.col("total"))
-    return _pick_channel(sessions, channel_days, target).drop("start", "total", "channel_day")
+    target = (
+        pl.when(pl.col("cover_upper").is_not_null())
+        .then(pl.col("cover_upper") - 1)
+        .otherwise(pl.col("start") + rng.below("journey/channel", row, pl.col("total")))
+    )
+    extra = ["first", "channels", "start", "total", "cover", "cover_upper", "channel_day"]
+    return _pick_channel(sessions, channel_days, target).drop(extra)
 
 
 def _journey_engagement(sessions: pl.DataFrame, rng: _Random) -> pl.DataFrame:
@@ -420,7 +444,7 @@ def _journey_engagement(sessions: pl.DataFrame, rng: _Random) -> pl.DataFrame:
 
 def _browsing_sessions(count: int, users: int, rng: _Random) -> pl.DataFrame:
     """Sessions of users who never convert; every channel-day gets at least one."""
-    channel_days = _channel_days("sessions_pm")
+    channel_days = _channel_days(journeys=False)
     row = pl.col("row")
     frame = pl.select(pl.int_range(count, dtype=pl.Int64).alias("row"))
     drawn = frame.select(rng.below("browse/channel", row, int(channel_days["upper"][-1])))
@@ -536,17 +560,19 @@ def _revenue(plan: pl.DataFrame, rng: _Random) -> pl.DataFrame:
             .alias("value")
         )
     plan = plan.with_columns(pl.col("value").round().cast(pl.Int64).alias("cents"))
-    # Rounding leaves a few cents; the middle of the stretched values absorbs them.
+    # Rounding leaves a few cents; the middle of the stretched values absorbs them. At
+    # tiny scales the fixed values alone may exceed the target: the total stays inexact.
     rest = target - plan.select(pl.col("cents").filter(attributed).sum()).item()
-    variable_ranks = plan.filter(variable)["rank"].sort()
-    if rest and variable_ranks.len():
-        middle = variable_ranks[variable_ranks.len() // 2]
-        plan = plan.with_columns(
-            pl.when(rank == middle)
-            .then(pl.col("cents") + rest)
-            .otherwise(pl.col("cents"))
-            .alias("cents")
-        )
+    stretched_rows = plan.filter(variable).sort("rank")
+    if rest and stretched_rows.height:
+        middle = stretched_rows.row(stretched_rows.height // 2, named=True)
+        if REVENUE_MEDIAN_CENTS <= middle["cents"] + rest <= REVENUE_MAX_CENTS:
+            plan = plan.with_columns(
+                pl.when(rank == middle["rank"])
+                .then(pl.col("cents") + rest)
+                .otherwise(pl.col("cents"))
+                .alias("cents")
+            )
     return plan.with_columns(_euros(pl.col("cents")).alias("revenue")).drop(
         "draw", "rank", "value", "cents"
     )
@@ -571,7 +597,8 @@ class _Tables:
 
 
 def _build_tables(scale: float = 1.0, seed: int = 42, impression_share: float = 0.0) -> _Tables:
-    """The three source tables as polars frames, in the order they are written."""
+    """The source tables as polars frames, rows in the order written, and what the
+    summary is computed from."""
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive number, not {scale!r}")
     if not 0.0 <= impression_share <= 1.0:
@@ -584,7 +611,7 @@ def _build_tables(scale: float = 1.0, seed: int = 42, impression_share: float = 
     journey = _journey_engagement(_journey_channels(journey, rng), rng)
     browsing_count = round(SESSIONS * scale) - journey.height
     browsing_users = max(1, round(browsing_count / SESSIONS_PER_BROWSING_USER))
-    if browsing_count < _channel_days("sessions_pm").height:
+    if browsing_count < _channel_days(journeys=False).height:
         raise ValueError(f"scale {scale:g} is too small to give every channel-day a session")
     browsing = _browsing_sessions(browsing_count, browsing_users, rng).with_columns(
         pl.col("row") + journey.height, pl.col("user") + converting_users
@@ -706,9 +733,8 @@ def generate_sample_database(
     tables = _build_tables(scale, seed, impression_share)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    built = Path(name)  # empty: SQLite takes a zero-length file as a new database
+    # Unique per run, and created by SQLite itself so that it gets the usual permissions.
+    built = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         _write(built, ddl, tables)
         _publish(built, path)

@@ -24,9 +24,9 @@ QUARANTINE_COLUMNS = {
         "raw_holder_engagement",
         "raw_closer_engagement",
         "raw_impression_interaction",
-        "raw_cost",
     ],
     "conversions": ["conv_id", "user_id", "raw_conv_date", "raw_conv_time", "raw_revenue"],
+    "session_costs": ["session_id", "raw_cost"],
 }
 
 
@@ -69,10 +69,11 @@ def snapshot_cache_key(_: TaskRunContext | None, inputs: dict[str, Any]) -> str:
 
 
 def _examples(con: duckdb.DuckDBPyConnection, table: str, staged: str, limit: int) -> pl.DataFrame:
+    # Column and table names are constants of this module, never user input.
     columns = QUARANTINE_COLUMNS[table]
     values = ", ".join(f"CAST({c} AS VARCHAR)" for c in columns)
     keys = ", ".join(f"'{c}'" for c in columns)
-    frame = con.execute(
+    return con.execute(
         f"""
         SELECT ? AS source_table, invalid_reason AS reason,
                to_json(map([{keys}], [{values}])) AS row_values
@@ -80,56 +81,109 @@ def _examples(con: duckdb.DuckDBPyConnection, table: str, staged: str, limit: in
         WHERE invalid_reason IS NOT NULL
         QUALIFY row_number() OVER (PARTITION BY invalid_reason ORDER BY rowid) <= ?
         ORDER BY reason, row_values
-        """,
+        """,  # noqa: S608
         [table, limit],
     ).pl()
-    return frame
+
+
+def _stage(con: duckdb.DuckDBPyConnection, name: str, source_view: str = "") -> None:
+    """Run ``tasks/sql/<name>.sql`` over ``source_view``, robust to mistyped values.
+
+    The typed scan is fast; a database with values of the wrong storage class (text in
+    an INTEGER column, say) makes it fail, and then every column is read as text so
+    the bad values are reported as unusable rows instead of stopping the run.
+    """
+    statements = f"{source_view};\n{sql(name)}" if source_view else sql(name)
+    try:
+        con.execute(statements)
+    except duckdb.Error:
+        con.execute("SET sqlite_all_varchar = true")
+        try:
+            con.execute(statements)
+        finally:
+            con.execute("SET sqlite_all_varchar = false")
+
+
+def _counts(con: duckdb.DuckDBPyConnection, table: str, staged: str) -> pl.DataFrame:
+    return con.execute(
+        f"SELECT ? AS source_table, invalid_reason AS reason, count(*) AS rows "  # noqa: S608
+        f"FROM {staged} WHERE invalid_reason IS NOT NULL GROUP BY ALL",
+        [table],
+    ).pl()
+
+
+def _stage_conversions(con: duckdb.DuckDBPyConnection) -> None:
+    _stage(
+        con,
+        "stage_conversions",
+        "CREATE OR REPLACE TEMP VIEW conversion_rows AS SELECT * FROM src.conversions",
+    )
+
+
+def _usable_journey_sessions(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """Usable rows of staged_sessions that belong to a user with a usable conversion."""
+    sessions = con.execute(sql("converting_users_sessions")).pl()
+    con.execute("DROP TABLE staged_sessions")
+    return sessions
+
+
+def _valid_conversions(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    return con.execute(
+        "SELECT conv_id, user_id, conv_ts, conv_day, revenue FROM staged_conversions "
+        "WHERE invalid_reason IS NULL ORDER BY conv_id"
+    ).pl()
+
+
+def read_journey_inputs(db_path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(sessions of converting users, conversions), both usable rows only.
+
+    The journey builder's own read: it reads only the converting users' sessions, which
+    is what makes it fast on large session tables. A session id duplicated with another
+    user is not seen here; ``read_snapshot``, which checks every row, excludes it.
+    """
+    con = connect(db_path, read_only=True)
+    try:
+        _stage_conversions(con)
+        _stage(
+            con,
+            "stage_sessions",
+            "CREATE OR REPLACE TEMP VIEW session_rows AS SELECT * FROM src.session_sources "
+            "WHERE user_id IN (SELECT user_id FROM src.conversions)",
+        )
+        return _usable_journey_sessions(con), _valid_conversions(con)
+    finally:
+        con.close()
 
 
 def read_snapshot(db_path: Path, max_examples: int) -> SourceSnapshot:
-    """Stage the three source tables in DuckDB and keep what the pipeline needs."""
+    """Check every source row, sum the spend, and read the journeys' inputs."""
     con = connect(db_path, read_only=True)
     try:
-        # Values of the wrong storage class become text we can report, not a scan error.
-        con.execute("SET sqlite_all_varchar = true")
-        con.execute(sql("stage_sessions"))
-        con.execute(sql("stage_conversions"))
-        orphan_costs = con.execute(sql("orphan_costs")).pl()
+        _stage_conversions(con)
+        _stage(
+            con,
+            "stage_sessions",
+            "CREATE OR REPLACE TEMP VIEW session_rows AS SELECT * FROM src.session_sources",
+        )
+        _stage(con, "stage_costs")
+        staged = {
+            "session_sources": "staged_sessions",
+            "conversions": "staged_conversions",
+            "session_costs": "staged_costs",
+        }
         invalid_counts = pl.concat(
-            [
-                con.execute(
-                    "SELECT 'session_sources' AS source_table, invalid_reason AS reason, "
-                    "count(*) AS rows FROM staged_sessions WHERE invalid_reason IS NOT NULL "
-                    "GROUP BY ALL"
-                ).pl(),
-                con.execute(
-                    "SELECT 'conversions' AS source_table, invalid_reason AS reason, "
-                    "count(*) AS rows FROM staged_conversions WHERE invalid_reason IS NOT NULL "
-                    "GROUP BY ALL"
-                ).pl(),
-                orphan_costs.group_by("source_table", "reason").agg(pl.len().alias("rows")),
-            ],
+            [_counts(con, table, name) for table, name in staged.items()],
             how="vertical_relaxed",
         ).sort("source_table", "reason")
         invalid_examples = pl.concat(
-            [
-                _examples(con, "session_sources", "staged_sessions", max_examples),
-                _examples(con, "conversions", "staged_conversions", max_examples),
-                orphan_costs.head(max_examples),
-            ],
+            [_examples(con, table, name, max_examples) for table, name in staged.items()],
             how="vertical_relaxed",
         )
-        sessions = con.execute(sql("converting_users_sessions")).pl()
-        conversions = con.execute(
-            "SELECT conv_id, user_id, conv_ts, conv_day, revenue FROM staged_conversions "
-            "WHERE invalid_reason IS NULL ORDER BY conv_id"
-        ).pl()
         day_costs = con.execute(sql("day_costs")).pl()
-        totals = con.execute(
-            "SELECT count(*), coalesce(sum(cost), 0) FROM staged_sessions "
-            "WHERE invalid_reason IS NULL"
-        ).fetchone()
+        totals = con.execute(sql("source_totals")).fetchone()
         assert totals is not None
+        sessions = _usable_journey_sessions(con)
+        conversions = _valid_conversions(con)
         return SourceSnapshot(
             sessions=sessions,
             conversions=conversions,

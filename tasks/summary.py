@@ -92,8 +92,10 @@ class RunSummary:
             ("Attributed in this run", self.attributed_conversions),
             ("Failed conversions", self.failed_conversions),
             ("Truncated journeys", self.truncated_journeys),
-            ("API requests / retries / cache hits", f"{self.requests} / {self.retries} / "
-             f"{self.cache_hits}"),
+            (
+                "API requests / retries / cache hits",
+                f"{self.requests} / {self.retries} / {self.cache_hits}",
+            ),
             ("Total cost (EUR)", money(self.total_cost)),
             ("Attributed conversions (Σ ihc)", ratio(self.total_ihc)),
             ("Attributed revenue (EUR)", money(self.attributed_revenue)),
@@ -147,16 +149,13 @@ def add_report_totals(summary: RunSummary, report: pl.DataFrame) -> None:
 
 def report_table(report: pl.DataFrame) -> list[dict[str, Any]]:
     """JSON-safe rows: dates as text, NULL cpo/roas as empty strings."""
-    return (
-        report.with_columns(
-            pl.col("date").dt.strftime("%Y-%m-%d"),
-            *[
-                pl.col(c).round(6).cast(pl.String).fill_null("")
-                for c in ("cost", "ihc", "ihc_revenue", "cpo", "roas")
-            ],
-        )
-        .to_dicts()
-    )
+    return report.with_columns(
+        pl.col("date").dt.strftime("%Y-%m-%d"),
+        *[
+            pl.col(c).round(6).cast(pl.String).fill_null("")
+            for c in ("cost", "ihc", "ihc_revenue", "cpo", "roas")
+        ],
+    ).to_dicts()
 
 
 @task(name="publish-run-artifacts", cache_policy=NO_CACHE)

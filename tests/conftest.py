@@ -12,8 +12,8 @@ os.environ.setdefault(
 )
 os.environ.pop("IHC_API_KEY", None)
 
-import pytest  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+import pytest
+from prefect.testing.utilities import prefect_test_harness
 
 
 @pytest.fixture(scope="session")

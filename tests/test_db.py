@@ -73,7 +73,9 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
     )
     con.commit()
     con.close()
-    with pytest.raises(DatabaseError, match=r"table 'session_sources' lacks column\(s\) 'event_time'"):
+    with pytest.raises(
+        DatabaseError, match=r"table 'session_sources' lacks column\(s\) 'event_time'"
+    ):
         prepare_database(db, ORIGINAL_SCHEMA)
     # Nothing was created on a database that failed validation.
     assert output_ddl(db) == {}

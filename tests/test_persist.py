@@ -124,11 +124,15 @@ def test_export_covers_the_requested_report_dates(shared_db: Path) -> None:
 
 def test_rewriting_the_same_conversions_leaves_identical_tables(shared_db: Path) -> None:
     write(shared_db, ATTRIBUTION)
-    first = (table_rows(shared_db, "attribution_customer_journey"),
-             table_rows(shared_db, "channel_reporting"))
+    first = (
+        table_rows(shared_db, "attribution_customer_journey"),
+        table_rows(shared_db, "channel_reporting"),
+    )
     second_outcome = write(shared_db, ATTRIBUTION.reverse())
-    second = (table_rows(shared_db, "attribution_customer_journey"),
-              table_rows(shared_db, "channel_reporting"))
+    second = (
+        table_rows(shared_db, "attribution_customer_journey"),
+        table_rows(shared_db, "channel_reporting"),
+    )
     assert second == first
     assert second_outcome.rows_deleted == 5
 
@@ -145,12 +149,16 @@ def test_replacing_a_conversion_replaces_all_its_rows(shared_db: Path) -> None:
 
 def test_a_failed_check_writes_nothing(shared_db: Path) -> None:
     write(shared_db, ATTRIBUTION)
-    before = (table_rows(shared_db, "attribution_customer_journey"),
-              table_rows(shared_db, "channel_reporting"))
+    before = (
+        table_rows(shared_db, "attribution_customer_journey"),
+        table_rows(shared_db, "channel_reporting"),
+    )
     with pytest.raises(ReconciliationError, match="do not sum to 1"):
         write(shared_db, rows(("c1", "s1", 0.5), ("c1", "s2", 0.4)))
-    after = (table_rows(shared_db, "attribution_customer_journey"),
-             table_rows(shared_db, "channel_reporting"))
+    after = (
+        table_rows(shared_db, "attribution_customer_journey"),
+        table_rows(shared_db, "channel_reporting"),
+    )
     assert after == before
 
 

@@ -6,8 +6,9 @@ WITH attributed AS (
     SELECT
         s.channel_name,
         s.event_day AS date,
-        sum(a.ihc) AS ihc,
-        sum(a.ihc * c.revenue) AS ihc_revenue
+        -- DECIMAL sums are exact: a rerun gives the same bytes whatever the thread order.
+        CAST(sum(CAST(a.ihc AS DECIMAL(38, 18))) AS DOUBLE) AS ihc,
+        CAST(sum(CAST(a.ihc * c.revenue AS DECIMAL(38, 12))) AS DOUBLE) AS ihc_revenue
     FROM src.attribution_customer_journey AS a
     JOIN snapshot_sessions AS s ON s.session_id = a.session_id
     JOIN snapshot_conversions AS c ON c.conv_id = a.conv_id

@@ -7,8 +7,11 @@ WITH raw AS (
         user_id,
         conv_date,
         conv_time,
-        revenue AS revenue_text,
-        try_strptime(trim(conv_date) || ' ' || trim(conv_time), '%Y-%m-%d %H:%M:%S') AS conv_ts,
+        CAST(revenue AS VARCHAR) AS revenue_text,
+        try_strptime(
+            trim(CAST(conv_date AS VARCHAR)) || ' ' || trim(CAST(conv_time AS VARCHAR)),
+            '%Y-%m-%d %H:%M:%S'
+        ) AS conv_ts,
         try_cast(revenue AS DOUBLE) AS revenue,
         count(*) OVER (PARTITION BY conv_id) AS id_rows
     FROM src.conversions
@@ -17,9 +20,9 @@ checked AS (
     SELECT
         *,
         CASE
-            WHEN conv_id IS NULL OR trim(conv_id) = '' THEN 'missing conv_id'
+            WHEN conv_id IS NULL OR trim(CAST(conv_id AS VARCHAR)) = '' THEN 'missing conv_id'
             WHEN id_rows > 1 THEN 'duplicate conv_id'
-            WHEN user_id IS NULL OR trim(user_id) = '' THEN 'missing user_id'
+            WHEN user_id IS NULL OR trim(CAST(user_id AS VARCHAR)) = '' THEN 'missing user_id'
             WHEN conv_ts IS NULL THEN 'unparsable conv_date/conv_time'
             WHEN revenue IS NULL THEN 'missing or unparsable revenue'
             WHEN isinf(revenue) OR isnan(revenue) THEN 'non-finite revenue'
@@ -28,8 +31,8 @@ checked AS (
     FROM raw
 )
 SELECT
-    conv_id,
-    user_id,
+    CAST(conv_id AS VARCHAR) AS conv_id,
+    CAST(user_id AS VARCHAR) AS user_id,
     conv_ts,
     CAST(conv_ts AS DATE) AS conv_day,
     revenue,

@@ -1,0 +1,772 @@
+"""Each journey's credit per session from the IHC attribution API (provider "api").
+
+``attribute_journeys`` packs the journeys into requests (``tasks.batching``), sends
+them with at most ``api.concurrency`` in flight over one keep-alive connection pool,
+and handles every status of the contract (``shared/spec/ihc-api.md``):
+
+- 200 / 206: the results are validated per conversion — every returned
+  (conversion_id, session_id) was sent, every sent session came back once, each ihc
+  lies in [0, 1] and they sum to 1 (1e-6) — and conversions that break this, or that
+  the server lists in ``partialFailureErrors``, are failed with the reason (never
+  renormalised); the rest of the batch is kept.
+- 400 and other 4xx: no retry; the batch's conversions are failed with the server's message.
+- 401 / 403: ``ApiKeyRejected`` at once; requests in flight are cancelled.
+- 429: retried after ``Retry-After`` (seconds or HTTP-date), and every worker holds
+  back until then; without the header, like 5xx. A ``Retry-After`` longer than
+  ``backoff_max_s`` is not waited for: the batch fails now and the next run sends it.
+- 5xx, timeouts, connection errors, unreadable bodies: retried with exponential
+  backoff and full jitter (uniform in [0, min(backoff_max_s, backoff_base_s·2^n)]),
+  at most ``max_retries`` times; then the batch's conversions fail with the last reason
+  and the run goes on.
+
+Choices where the contract is silent:
+
+- ``partialFailureErrors`` entries are read tolerantly: the conversion id from
+  ``conversion_id``, ``conversionId`` or ``customer_journey_id``; the text from
+  ``message``, ``error`` or ``detail``; the code from ``statusCode``, ``status_code``
+  or ``status``. An entry without a recognisable id fails no conversion by itself,
+  but its conversion's sessions are then missing from ``value`` and it fails validation.
+- Result rows for conversions that were not in the batch are dropped (and logged).
+- Only batches whose every conversion validated are cached; a batch with failures
+  is sent again next time, so its failed conversions get their retry.
+
+The API key is held as a ``SecretStr`` and leaves it only for the request header;
+reasons, exceptions and log lines name the status and error type, never headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+import orjson
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr, ValidationError
+
+from config.settings import ApiSettings, SettingsError
+from tasks.batching import FAILED_SCHEMA, PackResult, pack_batches
+
+if TYPE_CHECKING:
+    from prefect.results import ResultStore
+
+logger = logging.getLogger(__name__)
+
+ENDPOINT = "/v1/compute_ihc"
+API_KEY_ENV = "IHC_API_KEY"
+API_URL_ENV = "IHC_API_URL"
+CONV_TYPE_ENV = "IHC_CONV_TYPE_ID"
+SECRET_BLOCK = "ihc-api-key"
+PROGRESS_ARTIFACT_KEY = "ihc-api-progress"
+SUM_TOLERANCE = 1e-6
+RESULT_SCHEMA = pl.Schema(
+    {
+        "conversion_id": pl.String,
+        "session_id": pl.String,
+        "initializer": pl.Float64,
+        "holder": pl.Float64,
+        "closer": pl.Float64,
+        "ihc": pl.Float64,
+    }
+)
+FLAG_COLUMNS = ("holder_engagement", "closer_engagement", "conversion", "impression_interaction")
+_ID_KEYS = ("conversion_id", "conversionId", "customer_journey_id")
+_MESSAGE_KEYS = ("message", "error", "detail")
+_CODE_KEYS = ("statusCode", "status_code", "status")
+
+
+class ApiKeyRejected(Exception):
+    """The IHC API refused the API key (401/403): the run cannot go on."""
+
+
+class _Retryable(Exception):
+    """A transient failure of one attempt; ``delay`` overrides the backoff when set."""
+
+    def __init__(self, kind: str, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.delay = delay
+
+
+class _BatchFailed(Exception):
+    """The whole batch fails with this reason, without another attempt."""
+
+
+@dataclass
+class ApiStats:
+    """Counts of one run. ``retry_reasons`` counts retries by kind (e.g. ``http_503``)."""
+
+    batches: int = 0
+    requests: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+    failed_conversions: int = 0
+    truncated_journeys: int = 0
+    conversions_sent: int = 0
+    sessions_sent: int = 0
+    elapsed_s: float = 0.0
+    retry_reasons: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a run stands after a batch completed."""
+
+    done_batches: int
+    total_batches: int
+    requests: int
+    retries: int
+    failed_conversions: int
+    cache_hits: int
+    elapsed_s: float
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done_batches / self.total_batches if self.total_batches else 100.0
+
+
+@dataclass(frozen=True)
+class ApiAttribution:
+    """Validated results per session, failed conversions with their reason, and counts.
+
+    ``truncated`` lists the conversions sent with only their most recent sessions
+    (``long_journey_policy: keep_recent``): their results cover the sessions sent.
+    """
+
+    results: pl.DataFrame
+    failed: pl.DataFrame
+    stats: ApiStats
+    truncated: list[str] = field(default_factory=list)
+
+
+class BatchCache(Protocol):
+    """Validated results of earlier requests, by request key."""
+
+    async def get(self, key: str) -> pl.DataFrame | None: ...
+
+    async def put(self, key: str, results: pl.DataFrame) -> None: ...
+
+
+class ResultStoreBatchCache:
+    """Batch results in Prefect's result storage (local files unless a block is configured).
+
+    Without ``store``, the current run's result store (or the default storage)
+    is used. Entries expire after ``ttl`` (``None``: never), so a retrained model is
+    asked again after a while.
+    """
+
+    prefix = "ihc-api-batch-"
+
+    def __init__(self, store: ResultStore | None = None, ttl: timedelta | None = timedelta(days=7)):
+        from prefect.results import get_default_result_storage, get_result_store
+
+        store = store if store is not None else get_result_store()
+        if store.result_storage is None:
+            # Resolve now, outside the event loop: resolving may call the Prefect API.
+            storage = get_default_result_storage(_sync=True)
+            store = store.model_copy(update={"result_storage": storage})
+        self._store = store
+        self._ttl = ttl
+
+    async def get(self, key: str) -> pl.DataFrame | None:
+        storage_key = self.prefix + key
+        if not await self._store.aexists(storage_key):
+            return None
+        record = await self._store.aread(storage_key)
+        return pl.DataFrame(record.result, schema=RESULT_SCHEMA)
+
+    async def put(self, key: str, results: pl.DataFrame) -> None:
+        expiration = datetime.now(UTC) + self._ttl if self._ttl is not None else None
+        # Plain lists, so any result serializer (pickle or json) can store them.
+        await self._store.awrite(
+            results.select(RESULT_SCHEMA.names()).to_dict(as_series=False),
+            key=self.prefix + key,
+            expiration=expiration,
+        )
+
+
+def _secret(api_key: SecretStr | str) -> SecretStr:
+    return api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
+
+
+def _redact(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def wire_sessions(sessions: pl.DataFrame) -> pl.DataFrame:
+    """The session fields the API expects, typed as it wants them on the wire."""
+    timestamp = pl.col("timestamp")
+    zone = getattr(sessions.schema["timestamp"], "time_zone", None)
+    if zone is not None:
+        timestamp = timestamp.dt.convert_time_zone("UTC")
+    return sessions.select(
+        pl.col("conversion_id").cast(pl.String),
+        pl.col("session_id").cast(pl.String),
+        timestamp.dt.strftime("%Y-%m-%d %H:%M:%S"),
+        pl.col("channel_label").cast(pl.String),
+        *(pl.col(name).cast(pl.Int64) for name in FLAG_COLUMNS),
+    )
+
+
+def request_body(wire: pl.DataFrame, redistribution: bytes) -> bytes:
+    """The JSON body for one batch; equal batches give equal bytes (the cache relies on it)."""
+    return b"".join(
+        (
+            b'{"customer_journeys":',
+            wire.write_json().encode() if wire.height else b"[]",
+            b',"redistribution_parameter":',
+            redistribution,
+            b"}",
+        )
+    )
+
+
+def cache_key(settings: ApiSettings, body: bytes) -> str:
+    """sha256 of what determines the answer: endpoint, conversion type and body."""
+    digest = hashlib.sha256()
+    for part in (b"ihc-batch-v1", settings.base_url.encode(), settings.conv_type_id.encode(), body):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _first(entry: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((entry[key] for key in keys if entry.get(key) is not None), None)
+
+
+def parse_response(content: bytes) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Result rows and partial failures [conversion_id, reason] of a 200/206 body.
+
+    ``ValueError`` when the body is not the expected JSON shape.
+    """
+    try:
+        payload = orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"response is not valid JSON ({exc.msg})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("value"), list):
+        raise ValueError("response has no list 'value'")
+    rows = payload["value"]
+    errors = payload.get("partialFailureErrors") or []
+    if not all(isinstance(row, dict) for row in rows) or not isinstance(errors, list):
+        raise ValueError("response 'value' or 'partialFailureErrors' has the wrong shape")
+    results = pl.DataFrame(
+        [
+            pl.Series(name, [row.get(name) for row in rows], dtype=dtype, strict=False)
+            for name, dtype in RESULT_SCHEMA.items()
+        ]
+    )
+    if results["conversion_id"].null_count() or results["session_id"].null_count():
+        raise ValueError("response rows without conversion_id or session_id")
+    failures = [
+        (
+            str(_first(entry, _ID_KEYS)),
+            f"API partial failure ({_first(entry, _CODE_KEYS) or '?'}): "
+            f"{_first(entry, _MESSAGE_KEYS) or 'no message'}",
+        )
+        for entry in errors
+        if isinstance(entry, dict) and _first(entry, _ID_KEYS) is not None
+    ]
+    failed = pl.DataFrame(failures, schema=FAILED_SCHEMA, orient="row")
+    return results, failed.unique("conversion_id", keep="first", maintain_order=True)
+
+
+def validate_results(sent: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
+    """[conversion_id, reason] of the sent conversions whose results break the contract.
+
+    ``sent`` holds the (conversion_id, session_id) pairs of the conversions expected
+    back; ``results`` only rows of those conversions.
+    """
+    sent_pairs = sent.select("conversion_id", "session_id").with_columns(_sent=pl.lit(True))
+    got = results.select("conversion_id", "session_id", "ihc").with_columns(_got=pl.lit(True))
+    pairs = sent_pairs.join(got, on=["conversion_id", "session_id"], how="full", coalesce=True)
+    ihc = pl.col("ihc")
+    return (
+        pairs.group_by("conversion_id")
+        .agg(
+            unsent=pl.col("_sent").is_null().sum(),
+            missing=pl.col("_got").is_null().sum(),
+            repeated=pl.col("session_id").is_duplicated().sum(),
+            no_value=(pl.col("_got") & (ihc.is_null() | ihc.is_nan())).fill_null(False).sum(),
+            out_of_range=((ihc < 0) | (ihc > 1)).fill_null(False).sum(),
+            total=ihc.sum(),
+        )
+        .with_columns(
+            reason=pl.when(pl.col("unsent") > 0)
+            .then(pl.format("{} returned session(s) were not sent", "unsent"))
+            .when(pl.col("missing") > 0)
+            .then(pl.format("{} sent session(s) missing from the result", "missing"))
+            .when(pl.col("repeated") > 0)
+            .then(pl.lit("a session is returned more than once"))
+            .when(pl.col("no_value") > 0)
+            .then(pl.lit("ihc missing or not a number"))
+            .when(pl.col("out_of_range") > 0)
+            .then(pl.lit("ihc outside [0, 1]"))
+            .when((pl.col("total") - 1).abs() > SUM_TOLERANCE)
+            .then(pl.format("ihc sums to {} instead of 1", pl.col("total").round(9)))
+        )
+        .filter(pl.col("reason").is_not_null())
+        .select("conversion_id", "reason")
+    )
+
+
+def _retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _server_message(response: httpx.Response) -> str:
+    """A response's error text: ``message``/``error``/``detail`` of a JSON body, or the text."""
+    try:
+        payload = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        payload = None
+    if isinstance(payload, dict):
+        message = _first(payload, _MESSAGE_KEYS)
+        if message is not None:
+            return str(message)[:500]
+    return response.text[:500].strip() or response.reason_phrase
+
+
+class _Run:
+    """The state of one attribution run shared by its workers."""
+
+    def __init__(
+        self,
+        packed: PackResult,
+        settings: ApiSettings,
+        api_key: SecretStr,
+        cache: BatchCache | None,
+        on_progress: Callable[[ProgressEvent], None] | None,
+        log: logging.Logger | logging.LoggerAdapter[Any],
+    ) -> None:
+        self.packed = packed
+        self.settings = settings
+        self.api_key = api_key
+        self.cache = cache
+        self.on_progress = on_progress
+        self.log = log
+        self.wire = wire_sessions(packed.sessions)
+        parameter = settings.redistribution_parameter
+        self.redistribution = orjson.dumps(parameter.as_payload() if parameter else {})
+        self.stats = ApiStats(
+            batches=len(packed),
+            truncated_journeys=len(packed.truncated),
+            failed_conversions=packed.failed.height,
+            conversions_sent=packed.sessions["conversion_id"].n_unique(),
+            sessions_sent=packed.sessions.height,
+        )
+        self.results: list[pl.DataFrame] = []
+        self.failed: list[pl.DataFrame] = [packed.failed]
+        self.done = 0
+        self.started = time.perf_counter()
+        self._next = 0
+        self._not_before = 0.0
+        self._cache_broken = False
+
+    def _fail(self, conversions: pl.DataFrame, reason: str) -> None:
+        failed = conversions.select(
+            pl.col("conversion_id").unique(maintain_order=True), reason=pl.lit(reason)
+        )
+        self.failed.append(failed)
+        self.stats.failed_conversions += failed.height
+
+    async def worker(self, client: httpx.AsyncClient) -> None:
+        while self._next < len(self.packed.bounds):
+            index = self._next
+            self._next += 1
+            await self._batch(client, index)
+            self._completed()
+
+    def _completed(self) -> None:
+        self.done += 1
+        stats = self.stats
+        stats.elapsed_s = time.perf_counter() - self.started
+        if self.done % self.settings.progress_every_batches == 0 or self.done == stats.batches:
+            self.log.info(
+                "IHC API: %d/%d batches, %d requests (%.1f/s), %d retries, "
+                "%d failed conversions, %d cache hits",
+                self.done,
+                stats.batches,
+                stats.requests,
+                stats.requests_per_s,
+                stats.retries,
+                stats.failed_conversions,
+                stats.cache_hits,
+            )
+        if self.on_progress is not None:
+            self.on_progress(
+                ProgressEvent(
+                    done_batches=self.done,
+                    total_batches=stats.batches,
+                    requests=stats.requests,
+                    retries=stats.retries,
+                    failed_conversions=stats.failed_conversions,
+                    cache_hits=stats.cache_hits,
+                    elapsed_s=stats.elapsed_s,
+                )
+            )
+
+    async def _cached(self, key: str) -> pl.DataFrame | None:
+        if self.cache is None or self._cache_broken:
+            return None
+        try:
+            return await self.cache.get(key)
+        except Exception as exc:
+            self._cache_broken = True
+            self.log.warning("IHC API batch cache unreadable, not used in this run: %r", exc)
+            return None
+
+    async def _remember(self, key: str, results: pl.DataFrame) -> None:
+        if self.cache is None or self._cache_broken:
+            return
+        try:
+            await self.cache.put(key, results)
+        except Exception as exc:
+            self._cache_broken = True
+            self.log.warning("IHC API batch cache not writable, not used in this run: %r", exc)
+
+    async def _batch(self, client: httpx.AsyncClient, index: int) -> None:
+        start, end = self.packed.bounds[index]
+        wire = self.wire.slice(start, end - start)
+        body = request_body(wire, self.redistribution)
+        key = cache_key(self.settings, body)
+        cached = await self._cached(key)
+        if cached is not None:
+            self.stats.cache_hits += 1
+            self.results.append(cached)
+            return
+        attempts = self.settings.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                content = await self._send(client, body)
+                results, partial = parse_response(content)
+            except _BatchFailed as exc:
+                self._fail(wire, str(exc))
+                return
+            except _Retryable as exc:
+                failure = exc
+            except ValueError as exc:
+                failure = _Retryable("malformed_response", f"unreadable response: {exc}")
+            else:
+                clean = self._accept(wire, results, partial)
+                if clean is not None:
+                    await self._remember(key, clean)
+                return
+            if attempt + 1 == attempts:
+                self._fail(wire, f"gave up after {attempts} attempt(s): {failure.reason}")
+                return
+            delay = failure.delay
+            if delay is None:
+                cap = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2**attempt)
+                delay = random.uniform(0, cap)
+            elif delay > self.settings.backoff_max_s:
+                self._fail(
+                    wire,
+                    f"{failure.reason}; the server asks to wait {delay:.0f} s, longer than "
+                    f"backoff_max_s ({self.settings.backoff_max_s:g} s)",
+                )
+                return
+            else:
+                loop = asyncio.get_running_loop()
+                self._not_before = max(self._not_before, loop.time() + delay)
+            self.stats.retries += 1
+            self.stats.retry_reasons[failure.kind] += 1
+            await asyncio.sleep(delay)
+
+    async def _send(self, client: httpx.AsyncClient, body: bytes) -> bytes:
+        """One attempt: a 200/206 body, or _Retryable, _BatchFailed or ApiKeyRejected raised."""
+        hold = self._not_before - asyncio.get_running_loop().time()
+        if hold > 0:
+            await asyncio.sleep(hold)
+        self.stats.requests += 1
+        try:
+            response = await client.post(
+                f"{self.settings.base_url}{ENDPOINT}",
+                params={"conv_type_id": self.settings.conv_type_id},
+                content=body,
+                headers={
+                    "x-api-key": self.api_key.get_secret_value(),
+                    "content-type": "application/json",
+                },
+            )
+        except httpx.TimeoutException as exc:
+            raise _Retryable(
+                "timeout", f"timed out after {self.settings.timeout_s:g} s ({type(exc).__name__})"
+            ) from None
+        except httpx.TransportError as exc:
+            raise _Retryable(
+                "connection_error", f"connection error ({type(exc).__name__})"
+            ) from None
+        status = response.status_code
+        self.stats.statuses[status] += 1
+        if status in (200, 206):
+            return response.content
+        message = _redact(_server_message(response), self.api_key.get_secret_value())
+        if status in (401, 403):
+            raise ApiKeyRejected(
+                f"the IHC API rejected the API key (HTTP {status}: {message}); check "
+                f"{API_KEY_ENV} or the Prefect Secret block '{SECRET_BLOCK}'"
+            )
+        if status == 429:
+            raise _Retryable(
+                "http_429",
+                f"HTTP 429: {message}",
+                _retry_after(response.headers.get("retry-after")),
+            )
+        if status >= 500:
+            raise _Retryable(f"http_{status}", f"HTTP {status}: {message}")
+        raise _BatchFailed(f"HTTP {status}: {message}")
+
+    def _accept(
+        self, wire: pl.DataFrame, results: pl.DataFrame, partial: pl.DataFrame
+    ) -> pl.DataFrame | None:
+        """Keep the valid conversions of a 200/206 answer and fail the others.
+
+        Returns the results when every conversion of the batch is valid (cacheable).
+        """
+        sent = wire.select("conversion_id", "session_id")
+        partial = partial.join(sent, on="conversion_id", how="semi")
+        expected = sent.join(partial, on="conversion_id", how="anti")
+        ours = results.join(expected, on="conversion_id", how="semi")
+        if ours.height < results.height:
+            self.log.warning(
+                "IHC API returned %d row(s) for conversions not asked about; ignored",
+                results.height - ours.height,
+            )
+        invalid = validate_results(expected, ours)
+        good = ours.join(invalid, on="conversion_id", how="anti")
+        self.results.append(good)
+        for failed in (partial, invalid):
+            if failed.height:
+                self.failed.append(failed)
+                self.stats.failed_conversions += failed.height
+        return good if partial.height == 0 and invalid.height == 0 else None
+
+    def outcome(self) -> ApiAttribution:
+        results = pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *self.results])
+        failed = pl.concat(self.failed).unique("conversion_id", keep="first", maintain_order=True)
+        self.stats.failed_conversions = failed.height
+        self.stats.elapsed_s = time.perf_counter() - self.started
+        return ApiAttribution(
+            results=results, failed=failed, stats=self.stats, truncated=self.packed.truncated
+        )
+
+
+async def attribute_journeys_async(
+    journeys: pl.DataFrame,
+    settings: ApiSettings,
+    api_key: SecretStr | str,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    cache: BatchCache | None = None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+) -> ApiAttribution:
+    """Attribute every journey of ``journeys`` with the IHC API.
+
+    ``journeys`` is sorted by (conversion_id, timestamp, session_id) with the session
+    columns of the contract (others are ignored). ``transport`` replaces the network
+    (e.g. a loopback server's); ``cache`` serves and keeps validated batch results;
+    ``on_progress`` is called after each batch. ``ApiKeyRejected`` stops the run.
+    """
+    started = time.perf_counter()
+    log = log if log is not None else logger
+    packed = pack_batches(
+        journeys,
+        settings.max_journeys_per_request,
+        settings.max_sessions_per_request,
+        settings.long_journey_policy,
+    )
+    run = _Run(packed, settings, _secret(api_key), cache, on_progress, log)
+    run.started = started
+    if packed.truncated:
+        log.warning(
+            "%d journey(s) have more than %d sessions: only their most recent sessions are sent",
+            len(packed.truncated),
+            settings.max_sessions_per_request,
+        )
+    workers = min(settings.concurrency, len(packed))
+    if workers:
+        async with httpx.AsyncClient(
+            transport=transport,
+            limits=httpx.Limits(max_connections=workers, max_keepalive_connections=workers),
+            timeout=httpx.Timeout(settings.timeout_s),
+        ) as client:
+            tasks = [asyncio.create_task(run.worker(client)) for _ in range(workers)]
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for pending_task in pending:
+                pending_task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for finished in done:
+                if finished.exception() is not None:
+                    raise finished.exception()  # type: ignore[misc]
+    return run.outcome()
+
+
+def attribute_journeys(
+    journeys: pl.DataFrame,
+    settings: ApiSettings,
+    api_key: SecretStr | str,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    cache: BatchCache | None = None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+) -> ApiAttribution:
+    """``attribute_journeys_async`` on a fresh event loop (call it where none is running)."""
+    return asyncio.run(
+        attribute_journeys_async(
+            journeys,
+            settings,
+            api_key,
+            transport=transport,
+            cache=cache,
+            on_progress=on_progress,
+            log=log,
+        )
+    )
+
+
+@task(name="attribute-with-ihc-api", cache_policy=NO_CACHE)
+def attribute_with_api(
+    journeys: pl.DataFrame, settings: ApiSettings, api_key: SecretStr | str
+) -> ApiAttribution:
+    """The API attribution as a Prefect task, with a progress artifact and a batch cache."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    run_logger = get_run_logger()
+    artifact_id = create_progress_artifact(
+        progress=0.0,
+        key=PROGRESS_ARTIFACT_KEY,
+        description=f"IHC API requests to {settings.base_url}",
+        _sync=True,
+    )
+    last_update = 0.0
+
+    def show(event: ProgressEvent) -> None:
+        nonlocal last_update
+        # Each update is a blocking API call inside the event loop: at most one a second.
+        now = time.monotonic()
+        if now - last_update < 1.0 and event.done_batches < event.total_batches:
+            return
+        last_update = now
+        try:
+            update_progress_artifact(artifact_id=artifact_id, progress=event.percent, _sync=True)
+        except Exception as exc:
+            run_logger.debug("progress artifact not updated: %r", exc)
+
+    attribution = attribute_journeys(
+        journeys,
+        settings,
+        api_key,
+        cache=ResultStoreBatchCache(),
+        on_progress=show,
+        log=run_logger,
+    )
+    stats = attribution.stats
+    run_logger.info(
+        "IHC API done: %d conversions in %d batches, %d requests, %d retries %s, "
+        "%d cache hits, %d failed conversions, %d truncated journeys, %.1f s",
+        stats.conversions_sent,
+        stats.batches,
+        stats.requests,
+        stats.retries,
+        dict(stats.retry_reasons),
+        stats.cache_hits,
+        stats.failed_conversions,
+        stats.truncated_journeys,
+        stats.elapsed_s,
+    )
+    return attribution
+
+
+def resolve_api_key(environ: Mapping[str, str] | None = None) -> SecretStr | None:
+    """The IHC API key: ``IHC_API_KEY``, else the Prefect Secret block ``ihc-api-key``.
+
+    The block is only asked for when a Prefect API is known to be there (a
+    ``PREFECT_API_URL`` or a running flow or task), so a run without one does not start
+    a temporary server just to look. A missing block means no key; a block that cannot
+    be read is logged as a warning (without the value) and also means no key.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get(API_KEY_ENV, "").strip()
+    if value:
+        return SecretStr(value)
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.settings import get_current_settings
+
+    if not (get_current_settings().api.url or FlowRunContext.get() or TaskRunContext.get()):
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        block = Secret.load(SECRET_BLOCK, _sync=True)
+    except ValueError as exc:
+        if "Unable to find block document" not in str(exc):
+            logger.warning("Prefect Secret block '%s' could not be read: %s", SECRET_BLOCK, exc)
+        return None
+    except Exception as exc:
+        logger.warning(
+            "Prefect Secret block '%s' could not be read (%s)", SECRET_BLOCK, type(exc).__name__
+        )
+        return None
+    secret = str(block.get()).strip()
+    return SecretStr(secret) if secret else None
+
+
+def api_settings_from_env(
+    settings: ApiSettings, environ: Mapping[str, str] | None = None
+) -> ApiSettings:
+    """``settings`` with ``IHC_API_URL`` (base_url) and ``IHC_CONV_TYPE_ID`` applied."""
+    env = os.environ if environ is None else environ
+    updates = {
+        key: env[name].strip()
+        for name, key in ((API_URL_ENV, "base_url"), (CONV_TYPE_ENV, "conv_type_id"))
+        if env.get(name, "").strip()
+    }
+    if not updates:
+        return settings
+    try:
+        return ApiSettings.model_validate({**settings.model_dump(), **updates})
+    except ValidationError as exc:
+        problems = "; ".join(f"{item['loc'][0]}: {item['msg']}" for item in exc.errors())
+        raise SettingsError(f"{API_URL_ENV}/{CONV_TYPE_ENV}: {problems}") from None
+
+
+def stats_dict(stats: ApiStats) -> dict[str, Any]:
+    """The counts as plain values (for summaries and artifacts)."""
+    values = asdict(stats)
+    values["retry_reasons"] = dict(stats.retry_reasons)
+    values["statuses"] = dict(stats.statuses)
+    return values

@@ -1,0 +1,165 @@
+"""Throughput of the IHC client against the local server with a fixed latency.
+
+With latency L and concurrency C the best a client can do is C / L requests per
+second; this reports each run's requests/s, its share of that ideal, and its
+speed-up over sending one request at a time (C = 1).
+
+    python -m tests.bench_api [--conversions 20000] [--latency-ms 50] [--concurrency 1 4 16]
+
+The server runs in its own process by default (``--server thread`` keeps it in this
+one), so the client's CPU time is measured, not the server's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from config.settings import ApiSettings
+from tasks.ihc_client import attribute_journeys
+from tasks.ihc_server import ServerConfig, run_server
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BENCH_KEY = "bench-key"
+CHANNELS = ["Direct Traffic", "Paid Search Brand", "SEO", "Email", "Display", "Social Paid"]
+
+
+def synthetic_journeys(conversions: int = 20_000, seed: int = 7) -> pl.DataFrame:
+    """Journeys of 1–12 sessions (mean ≈ 4), sorted as the pipeline hands them over."""
+    rng = random.Random(seed)
+    sizes = [min(12, 1 + int(rng.expovariate(1 / 3))) for _ in range(conversions)]
+    frame = pl.DataFrame({"conversion": range(conversions), "sessions": sizes})
+    sessions = (
+        frame.select(pl.col("conversion").repeat_by("sessions").explode())
+        .with_columns(position=pl.int_range(pl.len()).over("conversion"))
+        .with_columns(last=pl.col("position") == pl.len().over("conversion") - 1)
+    )
+    mix = (pl.col("conversion") * 7919 + pl.col("position") * 104729) % 1000
+    return sessions.select(
+        conversion_id=pl.format("conv-{}", pl.col("conversion").cast(pl.String).str.zfill(6)),
+        session_id=pl.format("sess-{}-{}", "conversion", "position"),
+        timestamp=pl.lit(datetime(2023, 9, 1))
+        + pl.duration(hours=pl.col("conversion") % 500 + pl.col("position") * 9 + mix % 7),
+        channel_label=pl.lit(pl.Series(CHANNELS)).gather(mix % len(CHANNELS)),
+        holder_engagement=(mix % 3 == 0).cast(pl.Int8),
+        closer_engagement=(mix % 4 == 0).cast(pl.Int8),
+        impression_interaction=(mix % 5 == 0).cast(pl.Int8),
+        conversion=pl.col("last").cast(pl.Int8),
+    ).sort("conversion_id", "timestamp", "session_id")
+
+
+@contextlib.contextmanager
+def _server_process(latency_ms: float) -> Iterator[str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tasks.ihc_server",
+            "--port",
+            "0",
+            "--api-key",
+            BENCH_KEY,
+            "--latency-ms",
+            str(latency_ms),
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if "http://" not in line:
+            raise RuntimeError(f"IHC server did not start: {line!r}")
+        yield line.strip().rsplit(" ", 1)[-1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _server(latency_ms: float, mode: Literal["process", "thread"]) -> Iterator[str]:
+    if mode == "process":
+        with _server_process(latency_ms) as url:
+            yield url
+    else:
+        with run_server(ServerConfig(api_key=BENCH_KEY, latency_ms=latency_ms)) as handle:
+            yield handle.url
+
+
+def run_api_benchmark(
+    journeys: pl.DataFrame,
+    latency_ms: float = 50,
+    concurrencies: tuple[int, ...] = (1, 4, 16),
+    server: Literal["process", "thread"] = "process",
+) -> list[dict[str, float]]:
+    """One attribution of all ``journeys`` per concurrency; a row of figures for each."""
+    rows: list[dict[str, float]] = []
+    with _server(latency_ms, server) as url:
+        # Warm up the server and the client (imports, first connections) off the clock.
+        warm = journeys.filter(
+            pl.col("conversion_id").is_in(journeys["conversion_id"].head(50).implode())
+        )
+        attribute_journeys(warm, ApiSettings(base_url=url), BENCH_KEY)
+        for concurrency in concurrencies:
+            settings = ApiSettings(base_url=url, concurrency=concurrency)
+            started = time.perf_counter()
+            outcome = attribute_journeys(journeys, settings, BENCH_KEY)
+            elapsed = time.perf_counter() - started
+            stats = outcome.stats
+            if outcome.failed.height:
+                raise RuntimeError(f"benchmark run had failures: {outcome.failed.head()}")
+            rate = stats.requests / elapsed
+            ideal = concurrency / (latency_ms / 1000)
+            rows.append(
+                {
+                    "concurrency": concurrency,
+                    "requests": stats.requests,
+                    "elapsed_s": round(elapsed, 3),
+                    "requests_per_s": round(rate, 1),
+                    "ideal_per_s": round(ideal, 1),
+                    "pct_of_ideal": round(100 * rate / ideal, 1),
+                    "conversions_per_s": round(stats.conversions_sent / elapsed, 1),
+                }
+            )
+    sequential = next((row["requests_per_s"] for row in rows if row["concurrency"] == 1), None)
+    for row in rows:
+        row["vs_sequential"] = round(row["requests_per_s"] / sequential, 2) if sequential else 0.0
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench_api", description=__doc__)
+    parser.add_argument("--conversions", type=int, default=20_000)
+    parser.add_argument("--latency-ms", type=float, default=50)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--server", choices=["process", "thread"], default="process")
+    args = parser.parse_args(argv)
+    journeys = synthetic_journeys(args.conversions)
+    print(
+        f"{args.conversions} conversions, {journeys.height} sessions, "
+        f"latency {args.latency_ms:g} ms, server in a {args.server}",
+        flush=True,
+    )
+    rows = run_api_benchmark(journeys, args.latency_ms, tuple(args.concurrency), server=args.server)
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
