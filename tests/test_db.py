@@ -101,14 +101,17 @@ def test_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(DatabaseError, match="database file not found: .*nope.db"):
+    with pytest.raises(DatabaseError, match=r"database file not found: .*nope\.db"):
         prepare_database(tmp_path / "nope.db", ORIGINAL_SCHEMA)
 
 
 def test_second_holder_of_the_run_lock_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
-    with run_lock(db), pytest.raises(DatabaseError, match="another attribution run"):
-        with run_lock(db, timeout_s=0.3):
-            pass
+    with (
+        run_lock(db),
+        pytest.raises(DatabaseError, match="another attribution run"),
+        run_lock(db, timeout_s=0.3),
+    ):
+        pass
     with run_lock(db):
         pass

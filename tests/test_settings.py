@@ -56,7 +56,7 @@ def test_bad_settings_are_rejected_naming_the_key(environ: dict[str, str], messa
 def test_unknown_key_in_yaml_is_rejected(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("database:\n  path: x.db\n  colour: blue\n")
-    with pytest.raises(SettingsError, match="database.colour: unknown setting"):
+    with pytest.raises(SettingsError, match=r"database\.colour: unknown setting"):
         load_settings(config, environ={})
 
 
