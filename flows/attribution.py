@@ -18,7 +18,14 @@ import polars as pl
 from prefect import flow, get_run_logger
 
 from config.settings import PROJECT_ROOT, Settings, SettingsError, load_settings
-from flows.parameters import ParameterError, Provider, RunParameters, parse_parameters
+from flows.parameters import (
+    IsoDate,
+    ParameterError,
+    Provider,
+    RunParameters,
+    WindowDays,
+    parse_parameters,
+)
 from tasks.attribution import AttributionOutcome, attribute_locally_task, check_results
 from tasks.db import DatabaseError, prepare_database_task, run_lock
 from tasks.export import FAILED_CSV, QUARANTINE_CSV, export_report_task, write_side_file
@@ -98,9 +105,9 @@ def _attribute(
 
 @flow(name="ihc-attribution", validate_parameters=True)
 def attribution_flow(
-    start_date: date | None = None,
-    end_date: date | None = None,
-    window_days: int | None = None,
+    start_date: IsoDate | None = None,
+    end_date: IsoDate | None = None,
+    window_days: WindowDays | None = None,
     provider: Provider | None = None,
     refresh: bool = False,
     db_path: str | None = None,
@@ -289,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("attribution: interrupted", file=sys.stderr)
         return 130
-    except (ParameterError, SettingsError, DatabaseError) as exc:
+    except (ParameterError, SettingsError, DatabaseError, InvalidSourceRows) as exc:
         print(f"attribution: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

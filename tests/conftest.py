@@ -16,7 +16,8 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def prefect_harness():
+    """Every test talks to this one server: no test starts a temporary one by accident."""
     with prefect_test_harness(server_startup_timeout=180):
         yield
