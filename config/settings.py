@@ -27,6 +27,7 @@ class DatabaseSettings(_Section):
     path: Path = Path("data/challenge.db")
     schema_path: Path = Path("data/challenge_db_create.sql")
     lock_timeout_s: float = Field(0.0, ge=0)
+    memory_limit: str = Field("1GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 
 
 class OutputSettings(_Section):

@@ -148,7 +148,11 @@ def attribution_flow(
     with run_lock(db, settings.database.lock_timeout_s):
         prepare_database_task(db, settings.database.schema_path)
         state = read_snapshot_task(
-            db, file_identity(db), settings.quality.max_examples, return_state=True
+            db,
+            file_identity(db),
+            settings.quality.max_examples,
+            settings.database.memory_limit,
+            return_state=True,
         )
         snapshot = state.result()
         summary.source_cache_hit = state.name == "Cached"

@@ -6,6 +6,7 @@ import fcntl
 import os
 import re
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,16 +85,25 @@ def check_sqlite_file(path: Path) -> None:
         raise DatabaseError(f"{path} is not an SQLite database (its header is not SQLite's)")
 
 
-def connect(db_path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with ``db_path`` attached as ``src`` (TYPE sqlite)."""
+def connect(
+    db_path: Path, *, read_only: bool = False, memory_limit: str | None = None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with ``db_path`` attached as ``src`` (TYPE sqlite).
+
+    ``memory_limit`` caps DuckDB's memory; past it, large operators spill to a
+    temporary folder instead of growing the process.
+    """
     check_sqlite_file(db_path)
-    con = duckdb.connect(
-        config={
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "threads": max(os.cpu_count() or 1, 1),
-        }
-    )
+    config: dict[str, str | bool | int] = {
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "threads": max(os.cpu_count() or 1, 1),
+        "preserve_insertion_order": False,
+        "temp_directory": str(Path(tempfile.gettempdir()) / f"attribution-duckdb-{os.getpid()}"),
+    }
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    con = duckdb.connect(config=config)
     try:
         con.load_extension(str(sqlite_extension_path()))
         mode = ", READ_ONLY" if read_only else ""

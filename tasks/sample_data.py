@@ -108,6 +108,8 @@ CHANNELS = (
     Channel("YouTube Ads", 12, 0, 351_738, active_days=(0, 1, 2, 3, 4, 6, 7, 8, 9)),
 )
 
+CHANNEL = pl.Enum([channel.name for channel in CHANNELS])
+
 SOURCE_TABLES = ("session_sources", "session_costs", "conversions")
 _INSERT = {
     "session_sources": "INSERT INTO src.session_sources BY NAME SELECT * FROM frame",
@@ -116,6 +118,7 @@ _INSERT = {
 }
 
 _MASK = (1 << 64) - 1
+_MASK_62 = (1 << 62) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 _U64 = pl.UInt64
 
@@ -182,8 +185,21 @@ class _Random:
         return (self.uniform(stream, counter) * bound).floor().cast(pl.Int64)
 
     def ids(self, stream: str, counter: pl.Expr) -> pl.Expr:
-        """Opaque decimal ids, distinct for distinct counters (SplitMix64 is a bijection)."""
-        return self.bits(stream, counter).cast(pl.String)
+        """Opaque 20-digit numbers, distinct for distinct counters.
+
+        A SplitMix-style bijection on 62 bits plus 10**19: every id has 20 digits, so
+        the ids sort the same as numbers and as text.
+        """
+        mask = pl.lit(_MASK_62, _U64)
+        base = _mix64(self._seed ^ zlib.crc32(stream.encode()))
+        value = (pl.lit(base, _U64) + counter.cast(_U64) * pl.lit(_GAMMA, _U64)) & mask
+        value = (
+            (value ^ (value // pl.lit(1 << 31, _U64))) * pl.lit(0xBF58476D1CE4E5B9, _U64)
+        ) & mask
+        value = (
+            (value ^ (value // pl.lit(1 << 29, _U64))) * pl.lit(0x94D049BB133111EB, _U64)
+        ) & mask
+        return (value ^ (value // pl.lit(1 << 32, _U64))) + pl.lit(10**19, _U64)
 
 
 def _apportion(weights: dict[int, int], total: int) -> dict[int, int]:
@@ -358,7 +374,7 @@ def _channel_days(*, journeys: bool) -> pl.DataFrame:
         if not (journeys and day in channel.no_journey_days)
     ]
     frame = pl.DataFrame(
-        rows, schema={"channel_name": pl.String, "day": pl.Int64, "weight": pl.Int64}, orient="row"
+        rows, schema={"channel_name": CHANNEL, "day": pl.Int64, "weight": pl.Int64}, orient="row"
     )
     if not journeys:
         frame = frame.with_columns(pl.col("weight") // pl.len().over("channel_name"))
@@ -384,7 +400,11 @@ def _journey_channels(sessions: pl.DataFrame, rng: _Random) -> pl.DataFrame:
     On each day the first sessions, in a random order, take the day's channels in turn,
     so that exactly the channel-days meant to lack attribution lack it.
     """
-    channel_days = _channel_days(journeys=True).with_row_index("cover")
+    channel_days = (
+        _channel_days(journeys=True)
+        .with_row_index("cover")
+        .with_columns(pl.col("cover").cast(pl.Int64))
+    )
     per_day = channel_days.group_by("day", maintain_order=True).agg(
         pl.col("cover").first().alias("first"),
         pl.len().alias("channels"),
@@ -485,28 +505,26 @@ def _costs(sessions: pl.DataFrame, rng: _Random, scale: float) -> pl.DataFrame:
             if channel.cost_cents
             for day in (channel.cost_days or channel.active_days)
         ],
-        schema={"channel_name": pl.String, "day": pl.Int64, "budget": pl.Int64},
+        schema={"channel_name": CHANNEL, "day": pl.Int64, "budget": pl.Int64},
         orient="row",
     )
     row = pl.col("row")
-    frame = sessions.select(
-        "session_id", "channel_name", "row", (pl.col("ts") // 86_400).alias("day")
-    ).join(budgets, on=["channel_name", "day"], how="left", maintain_order="left")
-    paid = pl.col("budget").is_not_null()
-    weight = pl.when(paid).then(0.25 + rng.uniform("cost/weight", row))
-    exact = pl.col("budget") * weight / weight.sum().over("channel_name")
-    frame = frame.with_columns(exact.alias("exact")).with_columns(
-        pl.col("exact").floor().cast(pl.Int64).alias("cents")
+    frame = (
+        sessions.select("session_id", "channel_name", "row", (pl.col("ts") // 86_400).alias("day"))
+        .join(budgets, on=["channel_name", "day"], how="left", maintain_order="left")
+        .with_columns(pl.col("budget").is_not_null().alias("paid"))
     )
-    short = pl.col("budget").max() - pl.col("cents").sum()
-    bump = (pl.col("cents") - pl.col("exact")).rank("ordinal").over("channel_name") <= short.over(
-        "channel_name"
-    )
+    # Cumulative rounding: each session gets its share rounded down or up, and every
+    # channel's sessions add up to its budget to the cent.
+    weight = 0.25 + rng.uniform("cost/weight", row)
+    reached = (pl.col("budget") * weight.cum_sum() / weight.sum()).over("channel_name", "paid")
+    frame = frame.with_columns(reached.round().alias("reached"))
+    previous = pl.col("reached").shift(1, fill_value=0).over("channel_name", "paid")
     unpaid = pl.when(rng.uniform("cost/null", row) < 0.5).then(None).otherwise(0.0)
     return frame.select(
-        "session_id",
-        pl.when(paid)
-        .then(_euros(pl.col("cents") + bump.cast(pl.Int64)))
+        pl.col("session_id").cast(pl.String),
+        pl.when("paid")
+        .then(_euros((pl.col("reached") - previous).cast(pl.Int64)))
         .otherwise(unpaid)
         .alias("cost"),
     )
@@ -627,20 +645,24 @@ def _build_tables(scale: float = 1.0, seed: int = 42, impression_share: float = 
         .alias("impression_interaction"),
     ).sort("session_id")  # key order: SQLite appends to its primary-key index
     session_sources = sessions.select(
-        "session_id",
-        "user_id",
+        pl.col("session_id").cast(pl.String),
+        pl.col("user_id").cast(pl.String),
         *_date_and_time(pl.col("ts"), "event"),
-        "channel_name",
+        pl.col("channel_name").cast(pl.String),
         "holder_engagement",
         "closer_engagement",
         "impression_interaction",
     )
-    conversions = plan.select(
-        rng.ids("conversion", pl.col("conv")).alias("conv_id"),
-        rng.ids("user", pl.col("user")).alias("user_id"),
-        *_date_and_time(pl.col("c"), "conv"),
-        "revenue",
-    ).sort("conv_id")
+    conversions = (
+        plan.select(
+            rng.ids("conversion", pl.col("conv")).alias("conv_id"),
+            rng.ids("user", pl.col("user")).cast(pl.String).alias("user_id"),
+            *_date_and_time(pl.col("c"), "conv"),
+            "revenue",
+        )
+        .sort("conv_id")
+        .with_columns(pl.col("conv_id").cast(pl.String))
+    )
     return _Tables(
         session_sources=session_sources,
         session_costs=_costs(sessions, rng, scale),

@@ -155,9 +155,11 @@ def read_journey_inputs(db_path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         con.close()
 
 
-def read_snapshot(db_path: Path, max_examples: int) -> SourceSnapshot:
+def read_snapshot(
+    db_path: Path, max_examples: int, memory_limit: str | None = None
+) -> SourceSnapshot:
     """Check every source row, sum the spend, and read the journeys' inputs."""
-    con = connect(db_path, read_only=True)
+    con = connect(db_path, read_only=True, memory_limit=memory_limit)
     try:
         _stage_conversions(con)
         _stage(
@@ -205,9 +207,11 @@ def read_snapshot(db_path: Path, max_examples: int) -> SourceSnapshot:
     retries=2,
     retry_delay_seconds=2,
 )
-def read_snapshot_task(db_path: Path, identity: str, max_examples: int) -> SourceSnapshot:
+def read_snapshot_task(
+    db_path: Path, identity: str, max_examples: int, memory_limit: str | None = None
+) -> SourceSnapshot:
     """Cached by database identity: an unchanged database is not read twice."""
-    return read_snapshot(db_path, max_examples)
+    return read_snapshot(db_path, max_examples, memory_limit)
 
 
 @task(name="remember-source-snapshot", cache_key_fn=snapshot_cache_key, persist_result=True)

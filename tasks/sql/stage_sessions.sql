@@ -1,12 +1,11 @@
 -- Every row of session_rows (a view on session_sources: all of it, or the sessions of
 -- converting users) with its parsed timestamp and, where it cannot be used, the first
--- reason why (NULL = usable).
-CREATE OR REPLACE TEMP TABLE raw_sessions AS SELECT * FROM session_rows;
-
+-- reason why (NULL = usable). The duplicate check reads only session_id, so the wide
+-- rows are read from SQLite once and never held twice.
 CREATE OR REPLACE TEMP TABLE staged_sessions AS
 WITH duplicated AS (
     SELECT session_id
-    FROM raw_sessions
+    FROM session_rows
     GROUP BY session_id
     HAVING count(*) > 1
 ),
@@ -21,7 +20,7 @@ parsed AS (
         try_cast(s.closer_engagement AS DOUBLE) AS cl,
         try_cast(s.impression_interaction AS DOUBLE) AS m,
         d.session_id IS NOT NULL AS duplicated
-    FROM raw_sessions AS s
+    FROM session_rows AS s
     LEFT JOIN duplicated AS d ON d.session_id = s.session_id
 ),
 checked AS (
@@ -62,4 +61,3 @@ SELECT
         AS raw_impression_interaction
 FROM checked;
 
-DROP TABLE raw_sessions;
