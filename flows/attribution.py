@@ -15,7 +15,8 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import polars as pl
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
+from prefect.states import Failed
 
 from config.settings import PROJECT_ROOT, Settings, SettingsError, load_settings
 from flows.parameters import (
@@ -49,6 +50,15 @@ class AttributionRunError(RuntimeError):
 
 class InvalidSourceRows(RuntimeError):
     """Unusable source rows were found and the settings say to fail on them."""
+
+
+EXPECTED_FAILURES = (
+    ParameterError,
+    SettingsError,
+    DatabaseError,
+    InvalidSourceRows,
+    AttributionRunError,
+)
 
 
 def _settings(params: RunParameters) -> Settings:
@@ -113,19 +123,29 @@ def attribution_flow(
     db_path: str | None = None,
     output_dir: str | None = None,
     config_path: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Attribute the conversions of a date range and rebuild the channel report."""
+    try:
+        params = parse_parameters(
+            start_date=start_date,
+            end_date=end_date,
+            window_days=window_days,
+            provider=provider,
+            refresh=refresh,
+            db_path=db_path,
+            output_dir=output_dir,
+            config_path=config_path,
+        )
+        return _attribute_range(params)
+    except EXPECTED_FAILURES as exc:
+        # A failed run, not a crash: one log line, no traceback. The exception rides
+        # along, so a direct call (the CLI) still raises it and maps it to an exit code.
+        get_run_logger().error("%s", exc)
+        return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
+
+
+def _attribute_range(params: RunParameters) -> dict[str, Any]:
     logger = get_run_logger()
-    params = parse_parameters(
-        start_date=start_date,
-        end_date=end_date,
-        window_days=window_days,
-        provider=provider,
-        refresh=refresh,
-        db_path=db_path,
-        output_dir=output_dir,
-        config_path=config_path,
-    )
     start, end = params.date_range()
     settings = _settings(params)
     api_key = resolve_api_key()

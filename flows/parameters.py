@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 Provider = Literal["auto", "local", "api"]
+
+# Prefect 3.9 checks a deployment run's parameters against the flow's schema (types,
+# enums, bounds, patterns) when the run is created, but not JSON-schema formats: the
+# pattern makes the API refuse a malformed date (2023-13-01, 2023-02-30, 01.09.2023)
+# before a run exists. 29 February of a common year passes it and is refused by the
+# flow's own validation when the run starts.
+_ISO_DATE_PATTERN = (
+    r"^[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-9]))$"
+)
+IsoDate = Annotated[
+    date, WithJsonSchema({"type": "string", "format": "date", "pattern": _ISO_DATE_PATTERN})
+]
+WindowDays = Annotated[int, Field(ge=1, le=3660)]
 
 
 class ParameterError(ValueError):
@@ -24,9 +45,9 @@ class RunParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    start_date: date | None = None
-    end_date: date | None = None
-    window_days: int | None = Field(None, ge=1, le=3660)
+    start_date: IsoDate | None = None
+    end_date: IsoDate | None = None
+    window_days: WindowDays | None = None
     provider: Provider | None = None
     refresh: bool = False
     db_path: str | None = None

@@ -24,6 +24,10 @@ PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
 SERVE_LIMIT = 1
 
 
+class DeploymentConflict(RuntimeError):
+    """A deployment to serve is already deployed to a work pool under the same name."""
+
+
 def enter_project_root() -> dict[str, str]:
     """Pull step of the deployments: run the flow from this checkout, wherever it is.
 
@@ -73,10 +77,38 @@ def served_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
     return deployments
 
 
+def check_not_deployed_to_a_pool(deployments: list[RunnerDeployment]) -> None:
+    """Refuse to serve a deployment that ``prefect deploy`` registered for a work pool.
+
+    Serving updates a registered deployment in place; a pool deployment updated so
+    loses the location of its code (Prefect 3.9) and its runs crash.
+    """
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    pooled = []
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            try:
+                registered = client.read_deployment_by_name(deployment.full_name)
+            except ObjectNotFound:
+                continue
+            if registered.work_pool_name:
+                pooled.append(deployment.full_name)
+    if pooled:
+        raise DeploymentConflict(
+            f"already deployed to a work pool and run by a worker: {', '.join(pooled)}. "
+            "To serve them instead, delete them first: "
+            + "; ".join(f"prefect deployment delete '{name}'" for name in pooled)
+        )
+
+
 def serve_deployments(path: Path = PREFECT_YAML) -> None:
     """Serve the deployments of ``prefect.yaml`` until interrupted (Ctrl+C)."""
     from prefect import serve
 
     # Flow runs start from the project root, as the work pool's pull step does.
     os.chdir(PROJECT_ROOT)
-    serve(*served_deployments(path), limit=SERVE_LIMIT)
+    deployments = served_deployments(path)
+    check_not_deployed_to_a_pool(deployments)
+    serve(*deployments, limit=SERVE_LIMIT)

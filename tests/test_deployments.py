@@ -1,6 +1,6 @@
-"""prefect.yaml against a real Prefect server: deploy, schedule, validate, run by a worker.
+"""prefect.yaml against a real Prefect server: deploy, schedule, validate, run.
 
-Everything goes through the commands the README's Operations guide gives, run as
+Everything goes through the commands of the README's Operations guide, run as
 subprocesses against a throwaway ``prefect server start`` on a free loopback port.
 """
 
@@ -14,14 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from datetime import date
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import httpx
-import polars as pl
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
@@ -34,6 +32,7 @@ from prefect.client.schemas.objects import StateType
 
 from config.settings import PROJECT_ROOT
 from flows.serve import deployment_specs, served_deployments
+from tasks.export import REPORT_CSV
 from tasks.summary import REPORT_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY
 from tests.helpers import build_db
 
@@ -49,20 +48,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_healthy(
-    url: str, server: subprocess.Popen[bytes], log: Path, timeout: float
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    log: Path,
+    process: subprocess.Popen[bytes],
 ) -> None:
+    """Poll ``condition`` until it holds; fail early if ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"prefect server exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if condition():
+            return
+        if process.poll() is not None:
+            break
         time.sleep(0.5)
-    pytest.fail(f"prefect server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    tail = log.read_bytes()[-4000:].decode(errors="replace")
+    pytest.fail(f"{what}: not within {timeout:.0f} s; log {log}:\n{tail}")
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -78,28 +101,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
-        "PREFECT_CLI_WRAP_LINES": "false",
         "COLUMNS": "200",
     }
     log = home / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
+    )
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        wait_until_healthy(api_url, proc, log, timeout=90)
+        wait_for(healthy, 90, "prefect server healthy", log, process)
         yield env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop(process)
 
 
 def cli(
@@ -138,6 +157,51 @@ def spec_by_name() -> dict[str, dict[str, Any]]:
     return {spec["name"]: spec for spec in deployment_specs()}
 
 
+def schedules_of(spec: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    return [(s["cron"], s["timezone"], s["active"]) for s in spec["schedules"]]
+
+
+def single_session_journeys_db(path: Path) -> Path:
+    """Each journey is one session (ihc 1 exactly); c3 has no session; P only spends."""
+    return build_db(
+        path,
+        sessions=[
+            ("s1", "u1", "2023-09-01", "10:00:00", F, 1, 0, 0),
+            ("s2", "u2", "2023-09-02", "11:00:00", D, 1, 1, 0),
+            ("s3", "u3", "2023-09-02", "12:00:00", P, 0, 1, 1),
+        ],
+        conversions=[
+            ("c1", "u1", "2023-09-01", "18:00:00", 100.0),
+            ("c2", "u2", "2023-09-03", "09:00:00", 40.0),
+            ("c3", "u9", "2023-09-03", "10:00:00", 25.0),
+        ],
+        costs=[("s1", 10.0), ("s2", 4.0), ("s3", 2.5)],
+    )
+
+
+# The report table artifact as the UI shows it: values as text, NULL as "".
+EXPECTED_TABLE = [
+    {"channel_name": D, "date": "2023-09-02", "cost": "4.0", "ihc": "1.0",
+     "ihc_revenue": "40.0", "cpo": "4.0", "roas": "10.0"},
+    {"channel_name": F, "date": "2023-09-01", "cost": "10.0", "ihc": "1.0",
+     "ihc_revenue": "100.0", "cpo": "10.0", "roas": "10.0"},
+    {"channel_name": P, "date": "2023-09-02", "cost": "2.5", "ihc": "0.0",
+     "ihc_revenue": "0.0", "cpo": "", "roas": "0.0"},
+]  # fmt: skip
+
+
+def trigger_backfill(env: dict[str, str], db: Path, out: Path) -> UUID:
+    result = cli(
+        env,
+        "deployment", "run", f"{FLOW_NAME}/weekly-backfill",
+        "-p", "start_date=2023-09-01", "-p", "end_date=2023-09-03",
+        "-p", f"db_path={db}", "-p", f"output_dir={out}",
+    )  # fmt: skip
+    created = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
+    assert created, result.stdout
+    return UUID(created.group(1))
+
+
 @pytest.mark.slow
 def test_deployments_registered_as_written_in_prefect_yaml(
     deployed: dict[str, str], client: SyncPrefectClient
@@ -157,22 +221,19 @@ def test_deployments_registered_as_written_in_prefect_yaml(
         registered = [
             (s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules
         ]
-        assert registered == [(s["cron"], s["timezone"], True) for s in spec["schedules"]]
-        # Portable: the run locates the checkout itself, nothing machine-specific is stored.
+        assert registered == schedules_of(spec)
+        # Portable: the run finds the checkout itself, nothing machine-specific is stored.
         assert deployment.pull_steps == [{"flows.serve.enter_project_root": {}}]
-        assert str(PROJECT_ROOT) not in json.dumps(deployment.pull_steps)
 
         properties = deployment.parameter_openapi_schema["properties"]
         for field in ("start_date", "end_date"):
             date_type, null_type = properties[field]["anyOf"]
             assert (date_type["type"], date_type["format"]) == ("string", "date")
             assert null_type == {"type": "null"}
-        assert {"type": "integer", "minimum": 1, "maximum": 3660} in properties["window_days"][
-            "anyOf"
-        ]
-        assert {"enum": ["auto", "local", "api"], "type": "string"} in properties["provider"][
-            "anyOf"
-        ]
+        window_type, _ = properties["window_days"]["anyOf"]
+        assert window_type == {"type": "integer", "minimum": 1, "maximum": 3660}
+        provider_type, _ = properties["provider"]["anyOf"]
+        assert provider_type == {"enum": ["auto", "local", "api"], "type": "string"}
         assert properties["refresh"]["type"] == "boolean"
 
     pool = client.read_work_pool(POOL)
@@ -181,61 +242,42 @@ def test_deployments_registered_as_written_in_prefect_yaml(
 
 
 @pytest.mark.slow
-def test_bad_date_is_refused_before_a_run_exists(
-    deployed: dict[str, str], client: SyncPrefectClient
+@pytest.mark.parametrize(
+    ("parameter", "value"),
+    [
+        ("start_date", "2023-02-30"),
+        ("end_date", "01.09.2023"),
+        ("window_days", "0"),
+        ("provider", "remote"),
+    ],
+)
+def test_bad_parameter_is_refused_before_a_run_exists(
+    deployed: dict[str, str], client: SyncPrefectClient, parameter: str, value: str
 ) -> None:
     deployment = client.read_deployment_by_name(f"{FLOW_NAME}/weekly-backfill")
     result = cli(
         deployed,
-        "deployment", "run", f"{FLOW_NAME}/weekly-backfill",
-        "-p", "start_date=2023-02-30",
+        "deployment", "run", f"{FLOW_NAME}/weekly-backfill", "-p", f"{parameter}={value}",
         ok=False,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "start_date" in output
-    assert "2023-02-30" in output, output
+    assert f"Validation failed for field '{parameter}'" in output, output
+    assert value in output
     assert "Traceback" not in output
     runs = client.read_flow_runs(
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
     )
-    assert all(run.parameters.get("start_date") != "2023-02-30" for run in runs)
-
-
-def hand_built_db(path: Path) -> Path:
-    """Two converting users with journeys, one conversion without any session."""
-    return build_db(
-        path,
-        sessions=[
-            ("s1", "u1", "2023-09-01", "10:00:00", F, 1, 0, 0),
-            ("s2", "u1", "2023-09-02", "09:00:00", D, 1, 1, 0),
-            ("s3", "u2", "2023-09-02", "11:00:00", P, 0, 1, 1),
-            ("s4", "u4", "2023-09-03", "07:00:00", F, 0, 0, 1),
-        ],
-        conversions=[
-            ("c1", "u1", "2023-09-02", "12:00:00", 100.0),
-            ("c2", "u2", "2023-09-03", "08:00:00", 40.0),
-            ("c3", "u3", "2023-09-03", "09:00:00", 25.0),
-        ],
-        costs=[("s1", 10.0), ("s2", 0.0), ("s3", 5.0), ("s4", 2.5)],
-    )
+    assert all(parameter not in run.parameters for run in runs)
 
 
 @pytest.mark.slow
 def test_worker_runs_a_triggered_backfill_and_publishes_artifacts(
     deployed: dict[str, str], client: SyncPrefectClient, tmp_path: Path
 ) -> None:
-    db = hand_built_db(tmp_path / "challenge.db")
+    db = single_session_journeys_db(tmp_path / "challenge.db")
     out = tmp_path / "report"
-    result = cli(
-        deployed,
-        "deployment", "run", f"{FLOW_NAME}/weekly-backfill",
-        "-p", "start_date=2023-09-01", "-p", "end_date=2023-09-03",
-        "-p", f"db_path={db}", "-p", f"output_dir={out}",
-    )  # fmt: skip
-    created = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
-    assert created, result.stdout
-    run_id = UUID(created.group(1))
+    run_id = trigger_backfill(deployed, db, out)
     # The worker starts elsewhere: the pull step must find the checkout by itself.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -246,6 +288,8 @@ def test_worker_runs_a_triggered_backfill_and_publishes_artifacts(
     assert flow_run.state is not None
     assert flow_run.state.type == StateType.COMPLETED, worker.stdout + worker.stderr
     assert flow_run.parameters["start_date"] == "2023-09-01"
+    assert "Traceback" not in worker.stdout + worker.stderr
+    assert (out / REPORT_CSV).is_file()
 
     artifacts = {
         a.key: a
@@ -255,35 +299,98 @@ def test_worker_runs_a_triggered_backfill_and_publishes_artifacts(
     }
     assert set(artifacts) == {REPORT_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY}
     assert artifacts[REPORT_ARTIFACT_KEY].type == "table"
-    assert artifacts[SUMMARY_ARTIFACT_KEY].type == "markdown"
-
     table = artifacts[REPORT_ARTIFACT_KEY].data
-    rows = pl.DataFrame(json.loads(table) if isinstance(table, str) else table)
-    exported = pl.read_csv(out / "channel_reporting.csv", infer_schema=False)
-    assert rows.select("channel_name", "date", "cost").sort("channel_name", "date").rows() == (
-        exported.select("channel_name", "date", "cost").sort("channel_name", "date").rows()
-    )
-    costs = {(r["channel_name"], r["date"]): float(r["cost"]) for r in rows.to_dicts()}
-    assert costs == {
-        (F, "2023-09-01"): 10.0,
-        (D, "2023-09-02"): 0.0,
-        (P, "2023-09-02"): 5.0,
-        (F, "2023-09-03"): 2.5,
-    }
-    assert rows["ihc"].cast(pl.Float64).sum() == pytest.approx(2.0)
-    assert rows["ihc_revenue"].cast(pl.Float64).sum() == pytest.approx(140.0)
-    assert {date.fromisoformat(d) for d in rows["date"]} <= {
-        date(2023, 9, 1), date(2023, 9, 2), date(2023, 9, 3)
-    }  # fmt: skip
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert sorted(rows, key=lambda r: (r["channel_name"], r["date"])) == EXPECTED_TABLE
 
+    assert artifacts[SUMMARY_ARTIFACT_KEY].type == "markdown"
     summary = artifacts[SUMMARY_ARTIFACT_KEY].data
     assert isinstance(summary, str)
     assert summary.startswith("# Attribution run summary")
-    assert "| Range (conversion dates) | 2023-09-01 … 2023-09-03 |" in summary
-    assert "| Conversions in range | 3 |" in summary
-    assert "| Attributed in this run | 2 |" in summary
-    assert "| Unattributed (no session before the conversion) | 1 |" in summary
-    assert "| Total cost (EUR) | 17.50 |" in summary
+    for row in (
+        "| Range (conversion dates) | 2023-09-01 … 2023-09-03 |",
+        "| Conversions in range | 3 |",
+        "| Attributed in this run | 2 |",
+        "| Unattributed (no session before the conversion) | 1 |",
+        "| Total cost (EUR) | 16.50 |",
+        "| Attributed revenue (EUR) | 140.00 |",
+    ):
+        assert row in summary
+
+
+@pytest.mark.slow
+def test_a_run_with_conflicting_parameters_fails_with_one_clear_line(
+    deployed: dict[str, str], client: SyncPrefectClient, tmp_path: Path
+) -> None:
+    """daily keeps window_days 1: a start date as well fails the run, naming the rule."""
+    db = single_session_journeys_db(tmp_path / "challenge.db")
+    result = cli(
+        deployed,
+        "deployment", "run", f"{FLOW_NAME}/daily",
+        "-p", "start_date=2023-09-01", "-p", f"db_path={db}",
+    )  # fmt: skip
+    created = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
+    assert created, result.stdout
+    worker = cli(deployed, "worker", "start", "--pool", POOL, "--run-once", timeout=150)
+
+    state = client.read_flow_run(UUID(created.group(1))).state
+    assert state is not None
+    assert state.type == StateType.FAILED, worker.stdout + worker.stderr
+    assert "give either window_days or start_date/end_date, not both" in (state.message or "")
+    # The flow logs the reason as one line. (Prefect's process engine still logs its own
+    # traceback for every failed run it executes; a served or direct run has none.)
+    log = worker.stdout + worker.stderr
+    assert re.search(r"ERROR +\| Flow run '[^']+' - invalid parameters: .+, not both\n", log), log
+    assert "Encountered exception during execution" not in log
+
+
+@pytest.mark.slow
+def test_serve_refuses_pool_deployments_then_serves_and_runs_them(
+    deployed: dict[str, str], client: SyncPrefectClient, tmp_path: Path
+) -> None:
+    """Last against the server: it replaces the pool deployments by served ones."""
+    serve = [sys.executable, "-m", "flows.attribution", "--serve"]
+    refused = subprocess.run(
+        serve, cwd=PROJECT_ROOT, env=deployed, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("attribution: DeploymentConflict: "), refused.stderr
+    assert "Traceback" not in refused.stderr
+    deletes = re.findall(r"prefect deployment delete '([^']+)'", refused.stderr)
+    assert sorted(deletes) == [f"{FLOW_NAME}/daily", f"{FLOW_NAME}/weekly-backfill"]
+    for name in deletes:
+        cli(deployed, "deployment", "delete", name)
+
+    log = tmp_path / "serve.log"
+    serving = start(serve, deployed, log)
+    try:
+        wait_for(
+            lambda: b"being served" in log.read_bytes(), 60, "deployments served", log, serving
+        )
+        for name, spec in spec_by_name().items():
+            deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{name}")
+            assert deployment.work_pool_name is None
+            assert deployment.parameters == spec["parameters"]
+            assert [
+                (s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules
+            ] == schedules_of(spec)
+
+        # No worker runs: the serving process itself runs the triggered run.
+        out = tmp_path / "report"
+        run_id = trigger_backfill(deployed, single_session_journeys_db(tmp_path / "c.db"), out)
+
+        def finished() -> bool:
+            state = client.read_flow_run(run_id).state
+            return state is not None and state.is_final()
+
+        wait_for(finished, 90, "served run finished", log, serving)
+        state = client.read_flow_run(run_id).state
+        assert state is not None
+        assert state.type == StateType.COMPLETED, log.read_text(errors="replace")
+        assert (out / REPORT_CSV).is_file()
+    finally:
+        stop(serving)
+    assert b"All deployments have been paused" in log.read_bytes()
 
 
 def test_serve_uses_the_deployments_of_prefect_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,12 +404,12 @@ def test_serve_uses_the_deployments_of_prefect_yaml(monkeypatch: pytest.MonkeyPa
         assert deployment.parameters == spec["parameters"]
         assert deployment.concurrency_limit == spec["concurrency_limit"]
         assert deployment.enforce_parameter_schema is spec["enforce_parameter_schema"]
-        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == [
-            (s["cron"], s["timezone"], s["active"]) for s in spec["schedules"]
-        ]
+        assert [
+            (s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules
+        ] == schedules_of(spec)
 
 
-def test_prefect_yaml_holds_no_absolute_paths() -> None:
+def test_prefect_yaml_holds_no_machine_specific_paths() -> None:
     text = (PROJECT_ROOT / "prefect.yaml").read_text(encoding="utf-8")
     assert str(PROJECT_ROOT) not in text
     assert str(Path.home()) not in text
