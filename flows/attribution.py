@@ -35,7 +35,7 @@ from tasks.ihc_client import (
     attribute_with_api,
     resolve_api_key,
 )
-from tasks.journeys import build_journeys
+from tasks.journeys import build_journeys_task
 from tasks.persist import attributed_conversion_ids_task, write_results_task
 from tasks.sample_data import generate_sample_database
 from tasks.sources import file_identity, read_snapshot_task, remember_snapshot_task
@@ -124,7 +124,22 @@ def attribution_flow(
     output_dir: str | None = None,
     config_path: str | None = None,
 ) -> dict[str, Any] | State:
-    """Attribute the conversions of a date range and rebuild the channel report."""
+    """Attribute the conversions of a date range and rebuild the channel report.
+
+    Args:
+        start_date: First conversion date to attribute (YYYY-MM-DD, inclusive).
+            Empty: from the earliest conversion.
+        end_date: Last conversion date to attribute (YYYY-MM-DD, inclusive).
+            Empty: up to the latest conversion.
+        window_days: Instead of dates, the last N full days before today (UTC);
+            1 = yesterday. Resolved when the run starts.
+        provider: auto (IHC API when an API key is configured, else the local model),
+            local or api. Empty: the setting attribution.provider.
+        refresh: Recompute conversions that are already attributed.
+        db_path: SQLite database. Empty: database.path from the settings.
+        output_dir: Folder for the CSV/Parquet report. Empty: output.dir.
+        config_path: Settings YAML. Empty: config/config.yaml.
+    """
     try:
         params = parse_parameters(
             start_date=start_date,
@@ -195,13 +210,13 @@ def _attribute_range(params: RunParameters) -> dict[str, Any]:
                     f"unusable source rows found: {summary.invalid_rows}; examples in "
                     f"{quarantine} (quality.fail_on_invalid_rows is true)"
                 )
-        journey_set = build_journeys(
+        journey_set = build_journeys_task(
             snapshot.sessions,
             snapshot.conversions,
-            start_date=start,
-            end_date=end,
-            include_equal_timestamps=settings.journeys.include_equal_timestamps,
-            lookback_days=settings.journeys.lookback_days,
+            start,
+            end,
+            settings.journeys.include_equal_timestamps,
+            settings.journeys.lookback_days,
         )
         journeys = journey_set.journeys
         summary.conversions_in_range = journey_set.conversions_in_range.height

@@ -7,6 +7,7 @@ from datetime import date
 
 import polars as pl
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 JOURNEY_COLUMNS = [
     "conversion_id",
@@ -115,7 +116,7 @@ def build_journeys(
     )
 
 
-@task(name="build-customer-journeys")
+@task(name="build-customer-journeys", cache_policy=NO_CACHE)
 def build_journeys_task(
     sessions: pl.DataFrame,
     conversions: pl.DataFrame,
