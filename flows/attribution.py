@@ -27,10 +27,11 @@ from flows.parameters import (
     WindowDays,
     parse_parameters,
 )
-from tasks.attribution import AttributionOutcome, attribute_locally_task, check_results
+from tasks.attribution import AttributionOutcome, attribute_locally_task
 from tasks.db import DatabaseError, prepare_database_task, run_lock
 from tasks.export import FAILED_CSV, QUARANTINE_CSV, export_report_task, write_side_file
 from tasks.ihc_client import (
+    ApiKeyRejected,
     api_settings_from_env,
     attribute_with_api,
     resolve_api_key,
@@ -58,6 +59,7 @@ EXPECTED_FAILURES = (
     DatabaseError,
     InvalidSourceRows,
     AttributionRunError,
+    ApiKeyRejected,
 )
 
 
@@ -237,17 +239,10 @@ def _attribute_range(params: RunParameters) -> dict[str, Any]:
             summary.already_attributed_skipped = before - journeys["conversion_id"].n_unique()
         summary.sent_conversions = journeys["conversion_id"].n_unique()
         outcome = _attribute(journeys, settings, chosen, api_key)
-        invalid = check_results(
-            journeys.join(outcome.results.select("conversion_id").unique(), on="conversion_id"),
-            outcome.results,
-        )
-        failed = pl.concat([outcome.failed, invalid], how="vertical_relaxed").unique(
-            "conversion_id", keep="first", maintain_order=True
-        )
-        good = outcome.results.join(failed, on="conversion_id", how="anti")
-        new_rows = good.select(pl.col("conversion_id").alias("conv_id"), "session_id", "ihc").sort(
-            "conv_id", "session_id"
-        )
+        failed = outcome.failed
+        new_rows = outcome.results.select(
+            pl.col("conversion_id").alias("conv_id"), "session_id", "ihc"
+        ).sort("conv_id", "session_id")
         replace = new_rows["conv_id"].unique()
         if params.refresh:
             replace = pl.concat([replace, journey_set.without_journey["conv_id"]]).unique().sort()
@@ -256,9 +251,9 @@ def _attribute_range(params: RunParameters) -> dict[str, Any]:
     summary.attributed_conversions = new_rows["conv_id"].n_unique()
     summary.rows_written = written.rows_written
     summary.failed_conversions = failed.height
-    summary.failure_reasons = {
-        r["reason"]: r["len"] for r in failed.group_by("reason").len().sort("reason").to_dicts()
-    }
+    # Reasons grouped by kind: "ihc sums to 0.8 instead of 1" and "… to 1.2 …" are one.
+    kinds = failed.group_by(pl.col("reason").str.replace_all(r"[0-9]+(\.[0-9]+)?", "N")).len()
+    summary.failure_reasons = {r["reason"]: r["len"] for r in kinds.sort("reason").to_dicts()}
     for key in ("requests", "retries", "truncated_journeys", "cache_hits"):
         setattr(summary, key, int(outcome.stats.get(key, 0)))
     report, files = export_report_task(db, out, start, end)

@@ -27,29 +27,37 @@ class AttributionOutcome:
 
 
 def check_results(sent: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
-    """Conversions whose results break the contract, with the reason (empty = all good).
+    """[conversion_id, reason] of the sent conversions whose results break the contract.
 
     Every returned (conversion_id, session_id) must have been sent, every sent session
-    must come back, each ihc must lie in [0, 1] and each conversion's ihc sum to 1.
+    must come back once, each ihc must be a number in [0, 1] and each conversion's ihc
+    sum to 1 (within 1e-6). Failing conversions are reported, never renormalised.
+    ``sent`` holds the pairs of the conversions expected back; ``results`` only rows of
+    those conversions. One implementation for both providers.
     """
-    sent_pairs = sent.select("conversion_id", "session_id").with_columns(sent=pl.lit(True))
-    got = results.select("conversion_id", "session_id", "ihc").with_columns(got=pl.lit(True))
+    sent_pairs = sent.select("conversion_id", "session_id").with_columns(_sent=pl.lit(True))
+    got = results.select("conversion_id", "session_id", "ihc").with_columns(_got=pl.lit(True))
     pairs = sent_pairs.join(got, on=["conversion_id", "session_id"], how="full", coalesce=True)
+    ihc = pl.col("ihc")
     return (
         pairs.group_by("conversion_id")
         .agg(
-            unsent=pl.col("sent").is_null().sum(),
-            missing=pl.col("got").is_null().sum(),
-            out_of_range=((pl.col("ihc") < 0) | (pl.col("ihc") > 1) | pl.col("ihc").is_nan())
-            .fill_null(False)
-            .sum(),
-            total=pl.col("ihc").sum(),
+            unsent=pl.col("_sent").is_null().sum(),
+            missing=pl.col("_got").is_null().sum(),
+            repeated=pl.col("session_id").is_duplicated().sum(),
+            no_value=(pl.col("_got") & (ihc.is_null() | ihc.is_nan())).fill_null(False).sum(),
+            out_of_range=((ihc < 0) | (ihc > 1)).fill_null(False).sum(),
+            total=ihc.sum(),
         )
         .with_columns(
             reason=pl.when(pl.col("unsent") > 0)
             .then(pl.format("{} returned session(s) were not sent", "unsent"))
             .when(pl.col("missing") > 0)
             .then(pl.format("{} sent session(s) missing from the result", "missing"))
+            .when(pl.col("repeated") > 0)
+            .then(pl.lit("a session is returned more than once"))
+            .when(pl.col("no_value") > 0)
+            .then(pl.lit("ihc missing or not a number"))
             .when(pl.col("out_of_range") > 0)
             .then(pl.lit("ihc outside [0, 1]"))
             .when((pl.col("total") - 1).abs() > SUM_TOLERANCE)
@@ -67,11 +75,12 @@ def attribute_locally(
     redistribution: RedistributionParameter | None = None,
 ) -> AttributionOutcome:
     """The built-in IHC model over all journeys at once."""
-    results = compute_ihc(journeys, params, redistribution)
+    results = compute_ihc(journeys, params, redistribution).select(RESULT_COLUMNS)
+    failed = check_results(journeys, results)
     return AttributionOutcome(
         provider="local",
-        results=results.select(RESULT_COLUMNS),
-        failed=pl.DataFrame(schema={"conversion_id": pl.String, "reason": pl.String}),
+        results=results.join(failed, on="conversion_id", how="anti"),
+        failed=failed,
         stats={"sessions": journeys.height},
     )
 

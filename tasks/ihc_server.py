@@ -23,8 +23,12 @@ Choices where the contract is silent:
   ``conversion_id`` cannot be assigned to a journey: the whole request gets 400.
 - ``latency_ms`` is the response-time floor: a response leaves no earlier than
   ``latency_ms`` after its request was read, and the model runs during that time.
-  Concurrent requests are attributed together (one ``compute_ihc`` call per round,
-  off the event loop), so the server's own work adds little on top.
+  Requests arriving within a quarter of the latency are attributed together (one
+  ``compute_ihc`` call per round, off the event loop), so the server's own work
+  adds little on top.
+- Injected partial failures are listed with statusCode 500; injected wrong sums
+  scale a journey's ihc by 0.8. ``GET /_stats`` (outside the contract) returns the
+  counts as JSON, for benchmarks that run the server in its own process.
 
 Faults are deterministic under ``seed``: the fault of a request depends only on the
 seed, the request body and how many times that exact body was seen before, not on
@@ -39,12 +43,13 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, fields
 from email.utils import formatdate
 from http import HTTPStatus
@@ -57,6 +62,8 @@ from pydantic import ValidationError
 
 from config.settings import LocalModelSettings, RedistributionParameter
 from tasks.local_model import compute_ihc
+
+logger = logging.getLogger(__name__)
 
 PATH = "/v1/compute_ihc"
 STATS_PATH = "/_stats"
@@ -74,6 +81,9 @@ SESSION_FIELDS = (
 FLAGS = ("holder_engagement", "closer_engagement", "impression_interaction", "conversion")
 MAX_BODY_BYTES = 64 * 1024 * 1024
 WRONG_SUM_FACTOR = 0.8
+INJECTED_MESSAGE = "journey could not be attributed (injected partial failure)"
+# Joins a job number and a conversion_id into one key while requests share a model call.
+_SEP = "\x1f"
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,20 @@ class ServerConfig:
 
 
 @dataclass
+class RequestRecord:
+    """One request to the endpoint, as the server saw it."""
+
+    arrived: float
+    conversion_ids: list[str]
+    sessions: int
+    # The HTTP status sent, or the fault without an answer: "drop", "timeout";
+    # "malformed" for a 200 whose body was cut.
+    outcome: str = "pending"
+    # When the answer was written (None without an answer).
+    answered: float | None = None
+
+
+@dataclass
 class ServerStats:
     """What the server saw; read it after the requests of interest have finished."""
 
@@ -119,20 +143,35 @@ class ServerStats:
     faults: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
     max_in_flight: int = 0
-    # One entry per request whose body could be read (in arrival order).
-    journeys_per_request: list[int] = field(default_factory=list)
-    sessions_per_request: list[int] = field(default_factory=list)
-    conversion_ids_per_request: list[list[str]] = field(default_factory=list)
+    # Requests to the endpoint in arrival order (conversion ids empty if unreadable).
+    log: list[RequestRecord] = field(default_factory=list)
     # Conversions answered in partialFailureErrors (parse errors and injected ones).
     partial_failures: dict[str, str] = field(default_factory=dict)
     # Conversions whose ihc was scaled so it does not sum to 1.
     wrong_sums: set[str] = field(default_factory=set)
 
-    def requests_for(self, conversion_id: str) -> int:
-        """How many requests carried this conversion."""
-        return sum(conversion_id in ids for ids in self.conversion_ids_per_request)
+    @property
+    def journeys_per_request(self) -> list[int]:
+        return [len(record.conversion_ids) for record in self.log]
+
+    @property
+    def sessions_per_request(self) -> list[int]:
+        return [record.sessions for record in self.log]
+
+    def requests_for(self, conversion_id: str) -> list[RequestRecord]:
+        """The requests that carried this conversion."""
+        return [record for record in self.log if conversion_id in record.conversion_ids]
+
+    def response_ms(self) -> list[float]:
+        """Time from request read to answer written, of the answered requests."""
+        return [
+            (record.answered - record.arrived) * 1000
+            for record in self.log
+            if record.answered is not None
+        ]
 
     def as_dict(self) -> dict[str, Any]:
+        times = sorted(self.response_ms())
         return {
             "requests": self.requests,
             "by_status": dict(self.by_status),
@@ -140,6 +179,9 @@ class ServerStats:
             "max_in_flight": self.max_in_flight,
             "journeys_per_request": self.journeys_per_request,
             "sessions_per_request": self.sessions_per_request,
+            "response_ms_p50": times[len(times) // 2] if times else None,
+            "response_ms_p90": times[len(times) * 9 // 10] if times else None,
+            "response_ms_max": times[-1] if times else None,
         }
 
 
@@ -152,22 +194,40 @@ class _Reply(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A request's response body and the faults injected into it."""
+
+    status: int
+    body: bytes
+    failures: dict[str, str]
+    wrong_sums: list[str]
+
+
 @dataclass
 class _Job:
-    """One request's sessions waiting for the model."""
+    """One request's sessions waiting for the model, with its fault draws."""
 
     sessions: list[dict[str, Any]]
     redistribution: RedistributionParameter | None
-    done: asyncio.Future[tuple[pl.DataFrame, pl.DataFrame]]
+    rng: random.Random
+    done: asyncio.Future[_Answer]
 
 
-def _read_sessions(rows: list[dict[str, Any]]) -> pl.DataFrame:
-    """Sessions as typed columns; unreadable values become null (and are then rejected)."""
-    columns = {
-        name: pl.Series(name, [row.get(name) for row in rows], dtype=pl.String, strict=False)
+def _read_sessions(jobs: list[_Job]) -> pl.DataFrame:
+    """All jobs' sessions as typed columns with a ``_job`` number.
+
+    Unreadable values become null (and their journey is then rejected).
+    """
+    rows = [row for job in jobs for row in job.sessions]
+    columns = [
+        pl.Series(name, [row.get(name) for row in rows], dtype=pl.String, strict=False)
         for name in SESSION_FIELDS
-    }
-    raw = pl.DataFrame(columns)
+    ]
+    numbers = pl.DataFrame(
+        {"_job": range(len(jobs)), "_n": [len(job.sessions) for job in jobs]},
+        schema={"_job": pl.Int32, "_n": pl.Int64},
+    ).select(pl.col("_job").repeat_by("_n").explode())
     plain = pl.col("timestamp").str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us")
     zoned = (
         pl.col("timestamp")
@@ -175,7 +235,8 @@ def _read_sessions(rows: list[dict[str, Any]]) -> pl.DataFrame:
         .dt.convert_time_zone("UTC")
         .dt.replace_time_zone(None)
     )
-    return raw.with_columns(
+    return pl.DataFrame(columns).with_columns(
+        numbers["_job"],
         pl.coalesce(plain, zoned).alias("timestamp"),
         pl.col("timestamp").alias("_timestamp_text"),
         *(pl.col(flag).cast(pl.Float64, strict=False) for flag in FLAGS),
@@ -225,21 +286,28 @@ def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _attribute_jobs(
-    jobs: list[_Job], model: LocalModelSettings
-) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
-    """Results and parse errors per job, from one model call for all jobs alike.
-
-    Jobs share one ``compute_ihc`` call per redistribution parameter; a job number in
-    front of each conversion_id keeps equal ids of different requests apart.
-    """
-    frames = [
-        _read_sessions(job.sessions).with_columns(_job=pl.lit(number, pl.Int32))
-        for number, job in enumerate(jobs)
+def _injected(
+    jobs: list[_Job], answered: list[str], rate: float, skip: Collection[str] = ()
+) -> list[str]:
+    """Keyed conversion ids drawn at ``rate``, each from its own job's random stream."""
+    if rate <= 0:
+        return []
+    return [
+        keyed
+        for keyed in answered
+        if keyed not in skip and jobs[int(keyed.split(_SEP, 1)[0])].rng.random() < rate
     ]
-    sessions = pl.concat(frames)
+
+
+def _attribute_jobs(jobs: list[_Job], config: ServerConfig) -> list[_Answer]:
+    """The answers of several requests from one model call per redistribution parameter.
+
+    A job number in front of each conversion_id keeps equal ids of different
+    requests apart; everything after reading the rows is vectorised over all jobs.
+    """
+    sessions = _read_sessions(jobs)
     keyed = sessions.with_columns(
-        pl.concat_str(pl.col("_job").cast(pl.String), pl.lit("\x1f"), "conversion_id").alias(
+        pl.concat_str(pl.col("_job").cast(pl.String), pl.lit(_SEP), "conversion_id").alias(
             "conversion_id"
         )
     )
@@ -249,56 +317,104 @@ def _attribute_jobs(
     for number, job in enumerate(jobs):
         rule = job.redistribution.model_dump_json() if job.redistribution else ""
         groups.setdefault(rule, []).append(number)
-    results = []
-    for numbers in groups.values():
-        part = good.filter(pl.col("_job").is_in(numbers))
-        results.append(compute_ihc(part, model, jobs[numbers[0]].redistribution))
-    split = pl.col("conversion_id").str.split_exact("\x1f", 1)
-    unkeyed = [
-        frame.with_columns(
-            _job=split.struct.field("field_0").cast(pl.Int32),
-            conversion_id=split.struct.field("field_1"),
-        )
-        for frame in (pl.concat(results), errors)
-    ]
-    by_job = [
+    results = pl.concat(
+        [
+            compute_ihc(
+                good.filter(pl.col("_job").is_in(numbers)),
+                config.model,
+                jobs[numbers[0]].redistribution,
+            )
+            for numbers in groups.values()
+        ]
+    )
+    answered = results["conversion_id"].unique(maintain_order=True).to_list()
+    injected = _injected(jobs, answered, config.partial_failure_rate)
+    wrong = _injected(jobs, answered, config.wrong_sums_rate, frozenset(injected))
+    results = results.filter(~pl.col("conversion_id").is_in(injected)).with_columns(
+        pl.when(pl.col("conversion_id").is_in(wrong))
+        .then(pl.col("ihc") * WRONG_SUM_FACTOR)
+        .otherwise(pl.col("ihc"))
+    )
+    failures = pl.concat(
+        [
+            errors.with_columns(statusCode=pl.lit(406, pl.Int64)),
+            pl.DataFrame(
+                {"conversion_id": injected, "message": INJECTED_MESSAGE, "statusCode": 500},
+                schema={"conversion_id": pl.String, "message": pl.String, "statusCode": pl.Int64},
+            ),
+        ]
+    ).select("conversion_id", "statusCode", "message")
+    split = pl.col("conversion_id").str.split_exact(_SEP, 1)
+    parts = [
         {
             key[0]: part.drop("_job")
-            for key, part in frame.partition_by("_job", as_dict=True).items()
+            for key, part in frame.with_columns(
+                _job=split.struct.field("field_0").cast(pl.Int32),
+                conversion_id=split.struct.field("field_1"),
+            )
+            .partition_by("_job", as_dict=True)
+            .items()
         }
-        for frame in unkeyed
+        for frame in (results, failures)
     ]
-    empty_results = unkeyed[0].clear().drop("_job")
-    empty_errors = unkeyed[1].clear().drop("_job")
-    return [
-        (by_job[0].get(number, empty_results), by_job[1].get(number, empty_errors))
-        for number in range(len(jobs))
-    ]
+    wrong_by_job: dict[int, list[str]] = {}
+    for keyed_id in wrong:
+        number, conversion_id = keyed_id.split(_SEP, 1)
+        wrong_by_job.setdefault(int(number), []).append(conversion_id)
+    answers = []
+    for number in range(len(jobs)):
+        rows = parts[0].get(number)
+        failed = parts[1].get(number)
+        status = 206 if failed is not None else 200
+        body = b"".join(
+            (
+                b'{"statusCode":',
+                str(status).encode(),
+                b',"value":',
+                rows.write_json().encode() if rows is not None else b"[]",
+                b',"partialFailureErrors":',
+                failed.write_json().encode() if failed is not None else b"[]",
+                b"}",
+            )
+        )
+        failures_of_job = (
+            dict(failed.select("conversion_id", "message").iter_rows())
+            if failed is not None
+            else {}
+        )
+        answers.append(_Answer(status, body, failures_of_job, wrong_by_job.get(number, [])))
+    return answers
 
 
 class _Model:
-    """Attributes the jobs of all requests that are waiting, in one round off the event loop."""
+    """Answers the jobs of all requests that are waiting, in one round off the event loop."""
 
-    def __init__(self, model: LocalModelSettings) -> None:
-        self._model = model
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
 
     async def attribute(
-        self, sessions: list[dict[str, Any]], redistribution: RedistributionParameter | None
-    ) -> tuple[pl.DataFrame, pl.DataFrame]:
-        done: asyncio.Future[tuple[pl.DataFrame, pl.DataFrame]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        await self._queue.put(_Job(sessions, redistribution, done))
+        self,
+        sessions: list[dict[str, Any]],
+        redistribution: RedistributionParameter | None,
+        rng: random.Random,
+    ) -> _Answer:
+        done: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(sessions, redistribution, rng, done))
         return await done
 
     async def run(self) -> None:
+        # Requests wait out the latency anyway: gathering for a part of it lets one
+        # model call serve more of them.
+        window = self._config.latency_ms / 1000 / 4
         while True:
             jobs = [await self._queue.get()]
+            if window > 0:
+                await asyncio.sleep(window)
             while not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             try:
-                answers = await asyncio.to_thread(_attribute_jobs, jobs, self._model)
+                answers = await asyncio.to_thread(_attribute_jobs, jobs, self._config)
             except Exception as exc:
                 for job in jobs:
                     if not job.done.done():
@@ -319,7 +435,7 @@ class _Server:
     def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
         self.config = config
         self.stats = stats
-        self.model = _Model(config.model)
+        self.model = _Model(config)
         self._attempts: Counter[str] = Counter()
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -334,11 +450,23 @@ class _Server:
         try:
             while await self._handle_request(reader, writer):
                 pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (
+            ConnectionError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
             pass
         finally:
             self._connections.discard(task)
             writer.close()
+
+    async def close_connections(self) -> None:
+        """End every open connection (requests still held are dropped)."""
+        connections = list(self._connections)
+        for connection in connections:
+            connection.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
 
     async def _handle_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -362,7 +490,6 @@ class _Server:
         body = await reader.readexactly(length) if length else b""
         keep_alive = headers.get("connection", "").lower() != "close"
         started = time.monotonic()
-        self.stats.requests += 1
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
@@ -377,11 +504,15 @@ class _Server:
         writer: asyncio.StreamWriter,
         status: int,
         body: bytes,
+        record: RequestRecord | None = None,
         *,
         extra: dict[str, str] | None = None,
         close: bool = False,
     ) -> None:
         self.stats.by_status[status] += 1
+        if record is not None:
+            record.outcome = str(status)
+            record.answered = time.monotonic()
         lines = [
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
             "content-type: application/json",
@@ -412,7 +543,9 @@ class _Server:
     ) -> bool:
         url = urlsplit(target)
         if url.path == STATS_PATH and method == "GET":
-            await self._send(writer, 200, orjson.dumps(self.stats.as_dict()))
+            await self._send(
+                writer, 200, orjson.dumps(self.stats.as_dict(), option=orjson.OPT_NON_STR_KEYS)
+            )
             return True
         if url.path != PATH:
             await self._send(writer, 404, _error_body(404, f"no such endpoint: {url.path}"))
@@ -420,21 +553,23 @@ class _Server:
         if method != "POST":
             await self._send(writer, 405, _error_body(405, "use POST"))
             return True
-        key = headers.get("x-api-key")
-        if not key:
-            await self._send(writer, 401, _error_body(401, "missing x-api-key header"))
-            return True
-        if key != self.config.api_key:
-            await self._send(writer, 403, _error_body(403, "invalid API key"))
-            return True
-
         payload = _parse_json(body)
         rows = _journey_rows(payload)
-        if rows is not None:
-            ids = list(dict.fromkeys(str(row.get("conversion_id")) for row in rows))
-            self.stats.journeys_per_request.append(len(ids))
-            self.stats.sessions_per_request.append(len(rows))
-            self.stats.conversion_ids_per_request.append(ids)
+        ids = (
+            []
+            if rows is None
+            else list(dict.fromkeys(str(row.get("conversion_id")) for row in rows))
+        )
+        record = RequestRecord(started, ids, 0 if rows is None else len(rows))
+        self.stats.log.append(record)
+        self.stats.requests += 1
+        key = headers.get("x-api-key")
+        if not key:
+            await self._send(writer, 401, _error_body(401, "missing x-api-key header"), record)
+            return True
+        if key != self.config.api_key:
+            await self._send(writer, 403, _error_body(403, "invalid API key"), record)
+            return True
 
         digest = hashlib.sha256(body).hexdigest()
         attempt = self._attempts[digest]
@@ -445,35 +580,38 @@ class _Server:
             self.stats.faults[fault] += 1
         deadline = started + self.config.latency_ms / 1000
         if fault == "drop":
+            record.outcome = fault
             writer.transport.abort()
             return False
         if fault == "timeout":
+            record.outcome = fault
             # Hold the request, answer nothing; stop early if the client gives up.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(reader.read(), self.config.timeout_hold_s)
             return False
         if fault in ("429", "500", "503"):
             status = int(fault)
-            extra = (
-                {"retry-after": _retry_after_header(self.config.retry_after)}
-                if status == 429
-                else None
-            )
+            extra = None
+            if status == 429:
+                extra = {"retry-after": _retry_after_header(self.config.retry_after)}
             message = "too many requests" if status == 429 else "injected server error"
             await self._hold_until(deadline)
-            await self._send(writer, status, _error_body(status, message), extra=extra)
+            await self._send(writer, status, _error_body(status, message), record, extra=extra)
             return True
 
         try:
             status, answer = await self._attribute(url.query, payload, rows, rng)
         except _Reply as reply:
-            await self._hold_until(deadline)
-            await self._send(writer, reply.status, _error_body(reply.status, reply.message))
-            return True
+            status, answer = reply.status, _error_body(reply.status, reply.message)
+        except Exception as exc:
+            logger.exception("IHC server: request failed")
+            status, answer = 500, _error_body(500, f"internal error ({type(exc).__name__})")
         await self._hold_until(deadline)
         if fault == "malformed":
             answer = answer[: max(1, len(answer) // 2)]
-        await self._send(writer, status, answer)
+        await self._send(writer, status, answer, record)
+        if fault == "malformed":
+            record.outcome = fault
         return True
 
     def _fault(self, attempt: int, rng: random.Random) -> str:
@@ -526,47 +664,10 @@ class _Server:
             )
         if not rows:
             return 200, b'{"statusCode":200,"value":[],"partialFailureErrors":[]}'
-        results, errors = await self.model.attribute(rows, redistribution)
-        failures = [
-            {"conversion_id": cid, "statusCode": 406, "message": message}
-            for cid, message in errors.iter_rows()
-        ]
-        answered = results["conversion_id"].unique(maintain_order=True).to_list()
-        injected = [cid for cid in answered if rng.random() < self.config.partial_failure_rate]
-        failures += [
-            {
-                "conversion_id": cid,
-                "statusCode": 500,
-                "message": "journey could not be attributed (injected partial failure)",
-            }
-            for cid in injected
-        ]
-        wrong = [
-            cid
-            for cid in answered
-            if cid not in injected and rng.random() < self.config.wrong_sums_rate
-        ]
-        results = results.filter(~pl.col("conversion_id").is_in(injected)).with_columns(
-            pl.when(pl.col("conversion_id").is_in(wrong))
-            .then(pl.col("ihc") * WRONG_SUM_FACTOR)
-            .otherwise(pl.col("ihc"))
-        )
-        for failure in failures:
-            self.stats.partial_failures[failure["conversion_id"]] = failure["message"]
-        self.stats.wrong_sums.update(wrong)
-        status = 206 if failures else 200
-        body = b"".join(
-            (
-                b'{"statusCode":',
-                str(status).encode(),
-                b',"value":',
-                results.write_json().encode() if results.height else b"[]",
-                b',"partialFailureErrors":',
-                orjson.dumps(failures),
-                b"}",
-            )
-        )
-        return status, body
+        answer = await self.model.attribute(rows, redistribution, rng)
+        self.stats.partial_failures.update(answer.failures)
+        self.stats.wrong_sums.update(answer.wrong_sums)
+        return answer.status, answer.body
 
 
 def _error_body(status: int, message: str) -> bytes:
@@ -619,7 +720,7 @@ async def serve(
     config: ServerConfig,
     stats: ServerStats,
     stop: threading.Event | None = None,
-    on_ready: Any = None,
+    on_ready: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until ``stop`` is set (forever without one); ``on_ready(port)`` once listening."""
     server = _Server(config, stats)
@@ -635,9 +736,9 @@ async def serve(
             await asyncio.sleep(0.02)
     finally:
         listener.close()
-        for task in [*server._connections, model_task]:
-            task.cancel()
-        await asyncio.gather(*server._connections, model_task, return_exceptions=True)
+        model_task.cancel()
+        await server.close_connections()
+        await asyncio.gather(model_task, return_exceptions=True)
         await listener.wait_closed()
 
 
@@ -707,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, stats, on_ready=announce))
-    print(orjson.dumps(stats.as_dict()).decode(), file=sys.stderr)
+    print(orjson.dumps(stats.as_dict(), option=orjson.OPT_NON_STR_KEYS).decode(), file=sys.stderr)
     return 0
 
 

@@ -117,9 +117,11 @@ def run_api_benchmark(
         attribute_journeys(warm, ApiSettings(base_url=url), BENCH_KEY)
         for concurrency in concurrencies:
             settings = ApiSettings(base_url=url, concurrency=concurrency)
+            cpu = time.process_time()
             started = time.perf_counter()
             outcome = attribute_journeys(journeys, settings, BENCH_KEY)
             elapsed = time.perf_counter() - started
+            cpu = time.process_time() - cpu
             stats = outcome.stats
             if outcome.failed.height:
                 raise RuntimeError(f"benchmark run had failures: {outcome.failed.head()}")
@@ -134,6 +136,8 @@ def run_api_benchmark(
                     "ideal_per_s": round(ideal, 1),
                     "pct_of_ideal": round(100 * rate / ideal, 1),
                     "conversions_per_s": round(stats.conversions_sent / elapsed, 1),
+                    # Client CPU per request: the ceiling is 1 / this (one event loop).
+                    "client_cpu_ms_per_request": round(1000 * cpu / stats.requests, 2),
                 }
             )
     sequential = next((row["requests_per_s"] for row in rows if row["concurrency"] == 1), None)
