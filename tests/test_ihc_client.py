@@ -14,7 +14,11 @@ from polars.testing import assert_frame_equal
 from prefect import flow
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from pydantic import SecretStr
@@ -422,12 +426,16 @@ def test_the_prefect_task_reports_progress_and_reuses_cached_batches(
             journeys, settings, key
         )
 
-    first, second = attribute_twice()
+    state = attribute_twice(return_state=True)
+    first, second = state.result()
     assert_frame_equal(first.results, local_results(journeys))
     assert (first.stats.requests, second.stats.requests, second.stats.cache_hits) == (3, 0, 3)
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_ARTIFACT_KEY]))
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[PROGRESS_ARTIFACT_KEY]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
         )
     assert artifacts
     assert {artifact.data for artifact in artifacts} == {100.0}
