@@ -61,23 +61,15 @@ import polars as pl
 from pydantic import ValidationError
 
 from config.settings import LocalModelSettings, RedistributionParameter
-from tasks.local_model import compute_ihc
+from tasks.local_model import INPUT_COLUMNS, compute_ihc
 
 logger = logging.getLogger(__name__)
 
 PATH = "/v1/compute_ihc"
 STATS_PATH = "/_stats"
 FAULTS = ("ok", "429", "500", "503", "malformed", "drop", "timeout")
-SESSION_FIELDS = (
-    "conversion_id",
-    "session_id",
-    "timestamp",
-    "channel_label",
-    "holder_engagement",
-    "closer_engagement",
-    "impression_interaction",
-    "conversion",
-)
+# The fields of one session in a request: the local model's input columns.
+SESSION_FIELDS = INPUT_COLUMNS
 FLAGS = ("holder_engagement", "closer_engagement", "impression_interaction", "conversion")
 MAX_BODY_BYTES = 64 * 1024 * 1024
 WRONG_SUM_FACTOR = 0.8

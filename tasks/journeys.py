@@ -9,19 +9,6 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-JOURNEY_COLUMNS = [
-    "conversion_id",
-    "session_id",
-    "timestamp",
-    "channel_label",
-    "holder_engagement",
-    "closer_engagement",
-    "impression_interaction",
-    "conversion",
-    "event_day",
-    "revenue",
-]
-
 
 @dataclass(frozen=True)
 class JourneySet:

@@ -64,12 +64,23 @@ def _total(phase: str) -> str:
     return f"_total_{phase}"
 
 
+# A journey's result must not depend on the other journeys in the frame (the IHC test
+# server attributes concurrent requests together, and reruns send other batches): polars
+# divides a column by a scalar as a multiplication by the reciprocal on long columns but
+# exactly on short ones, and sums a group in an order that depends on where it sits in
+# memory. So: multiply by reciprocals, and sum each journey sequentially.
+
+
 def _hours(duration: pl.Expr) -> pl.Expr:
-    return duration.dt.total_microseconds() / _US_PER_HOUR
+    return duration.dt.total_microseconds() * (1.0 / _US_PER_HOUR)
+
+
+def _journey_sum(values: pl.Expr) -> pl.Expr:
+    return values.cum_sum().last().over(_J)
 
 
 def _ramp(x: pl.Expr, start: float, end: float) -> pl.Expr:
-    return ((x - start) / (end - start)).clip(0.0, 1.0)
+    return ((x - start) * (1.0 / (end - start))).clip(0.0, 1.0)
 
 
 def _raw_memberships(params: LocalModelSettings) -> list[pl.Expr]:
@@ -88,7 +99,7 @@ def _raw_memberships(params: LocalModelSettings) -> list[pl.Expr]:
         "initializer": r_init,
         "holder": pl.col("holder_engagement") * (1.0 - r_init / 2.0),
         "closer": pl.col("closer_engagement")
-        / (1.0 + (d_h / params.closer_half_h).pow(params.closer_shape)),
+        / (1.0 + (d_h * (1.0 / params.closer_half_h)).pow(params.closer_shape)),
     }
     impression = (
         pl.when(pl.col("impression_interaction") == 1).then(params.impression_weight).otherwise(1.0)
@@ -131,7 +142,7 @@ def _redistribute(frame: pl.LazyFrame, phase: str, rule: RedistributionRule) -> 
             lambda e: e.cum_sum(reverse=True).over(_J),
             lambda e: e.cum_sum().over(_J),
         ),
-        "any_session": (lambda e: e.sum().over(_J), lambda e: e.sum().over(_J)),
+        "any_session": (_journey_sum, _journey_sum),
     }[rule.direction]
     pool = pl.col("_pool")
     return (
@@ -202,7 +213,7 @@ def compute_ihc(
         .sort("conversion_id", "timestamp", "session_id")
         .with_columns(pl.col("conversion_id").rle_id().alias(_J))
         .with_columns(_raw_memberships(params))
-        .with_columns(pl.col(_raw(phase)).sum().over(_J).alias(_total(phase)) for phase in PHASES)
+        .with_columns(_journey_sum(pl.col(_raw(phase))).alias(_total(phase)) for phase in PHASES)
         .with_columns(_shares())
     )
     for phase in PHASES:
