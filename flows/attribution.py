@@ -18,7 +18,7 @@ import polars as pl
 from prefect import State, flow, get_run_logger
 from prefect.states import Failed
 
-from config.settings import PROJECT_ROOT, Settings, SettingsError, load_settings
+from config.settings import Settings, SettingsError, load_settings
 from flows.parameters import (
     IsoDate,
     ParameterError,
@@ -41,8 +41,6 @@ from tasks.persist import attributed_conversion_ids_task, write_results_task
 from tasks.sample_data import generate_sample_database
 from tasks.sources import file_identity, read_snapshot_task, remember_snapshot_task
 from tasks.summary import RunSummary, add_report_totals, publish_artifacts_task
-
-DEFAULT_DB = PROJECT_ROOT / "data" / "challenge.db"
 
 
 class AttributionRunError(RuntimeError):
@@ -75,12 +73,16 @@ def _settings(params: RunParameters) -> Settings:
     return settings.model_copy(update={"api": api_settings_from_env(settings.api)})
 
 
-def _ensure_database(settings: Settings, logger: Any) -> bool:
-    """Create sample data when the default database is missing; True if it did."""
+def _ensure_database(settings: Settings, explicit: bool, logger: Any) -> bool:
+    """Create sample data when the configured database is missing; True if it did.
+
+    A path given explicitly (``--db``, the ``db_path`` parameter) must exist: a typo
+    there should fail, not quietly produce a report on synthetic data.
+    """
     db = settings.database.path
     if db.exists():
         return False
-    if db.resolve() != DEFAULT_DB.resolve():
+    if explicit:
         raise DatabaseError(f"database file not found: {db} (no sample data is made for it)")
     logger.warning(
         "No database at %s: generating SYNTHETIC sample data (scale %s, seed %s). "
@@ -181,7 +183,7 @@ def _attribute_range(params: RunParameters) -> dict[str, Any]:
     )
     db = settings.database.path
     out = settings.output.dir
-    summary.synthetic_data = _ensure_database(settings, logger)
+    summary.synthetic_data = _ensure_database(settings, params.db_path is not None, logger)
     with run_lock(db, settings.database.lock_timeout_s):
         prepare_database_task(db, settings.database.schema_path)
         state = read_snapshot_task(
