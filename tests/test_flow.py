@@ -211,3 +211,17 @@ def test_cli_help_lists_the_options() -> None:
         "--serve",
     ):
         assert option in result.stdout
+
+
+def test_missing_configured_database_is_created_with_synthetic_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "data" / "challenge.db"
+    monkeypatch.setenv("ATTRIBUTION_DATABASE__PATH", str(db))
+    monkeypatch.setenv("ATTRIBUTION_SAMPLE_DATA__SCALE", "0.02")
+    summary = attribution_flow(output_dir=str(tmp_path / "out"), provider="local")
+    assert db.exists()
+    assert summary["synthetic_data"] is True
+    assert summary["attributed_conversions"] > 0
+    assert "SYNTHETIC sample data" in caplog.text
+    assert (tmp_path / "out" / "channel_reporting.csv").exists()
