@@ -65,10 +65,13 @@ def _total(phase: str) -> str:
 
 
 # A journey's result must not depend on the other journeys in the frame (the IHC test
-# server attributes concurrent requests together, and reruns send other batches): polars
-# divides a column by a scalar as a multiplication by the reciprocal on long columns but
-# exactly on short ones, and sums a group in an order that depends on where it sits in
-# memory. So: multiply by reciprocals, and sum each journey sequentially.
+# server attributes concurrent requests together, and reruns send other batches). Polars
+# divides by a broadcast value (a literal, or a when/then of literals whose condition
+# happens to hold on every row) as a multiplication by its reciprocal once the frame has
+# three rows, and sums a group in an order that depends on where it sits in memory. So:
+# constants are multiplied by as reciprocals, divisors made of constants are made from
+# columns, and each journey is summed sequentially. Column-by-column divisions are exact,
+# which keeps a lone session's share at exactly 1.
 
 
 def _hours(duration: pl.Expr) -> pl.Expr:
@@ -164,9 +167,7 @@ def _ihc(params: LocalModelSettings) -> pl.Expr:
     weighted = [
         (getattr(weights, phase), pl.col(phase), pl.col(_total(phase)) > 0) for phase in PHASES
     ]
-    total_weight = pl.sum_horizontal(
-        pl.when(present).then(w).otherwise(0.0) for w, _, present in weighted
-    )
+    total_weight = pl.sum_horizontal(present.cast(pl.Float64) * w for w, _, present in weighted)
     mixed = pl.sum_horizontal(w * share for w, share, _ in weighted)
     return (
         pl.when(total_weight > 0)

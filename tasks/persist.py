@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,9 @@ def write_results(
             else:
                 con.execute("ROLLBACK")
         except BaseException:
-            con.execute("ROLLBACK")
+            # A failed COMMIT has ended the transaction already: report its error, not ROLLBACK's.
+            with contextlib.suppress(duckdb.TransactionException):
+                con.execute("ROLLBACK")
             raise
         return WriteOutcome(
             rows_deleted=int(deleted),
