@@ -578,3 +578,19 @@ def test_absent_closer_weight_is_shared_by_the_other_phases(frame: pl.DataFrame)
     assert (result["closer"] == 0).all()
     expected = (0.35 * result["initializer"] + 0.38 * result["holder"]) / 0.73
     assert (result["ihc"] - expected).abs().max() <= 1e-12
+
+
+def test_a_journeys_values_do_not_depend_on_the_other_journeys_in_the_frame(
+    make_journeys,
+) -> None:
+    # The API server answers concurrent requests together and reruns send other batches:
+    # a journey must score the same to the last bit whatever it is computed with.
+    journeys = make_journeys([1, 2, 3, 5, 8, 13, 1, 4, 7, 2, 9, 1, 6] * 7, shared=True)
+    whole = compute_ihc(journeys)
+    ids = journeys["conversion_id"].unique(maintain_order=True).to_list()
+    for size in (1, 2, 5, 17):
+        parts = [
+            compute_ihc(journeys.filter(pl.col("conversion_id").is_in(ids[i : i + size])))
+            for i in range(0, len(ids), size)
+        ]
+        assert_frame_equal(pl.concat(parts), whole, check_exact=True)
