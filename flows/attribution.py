@@ -249,6 +249,8 @@ def _attribute_range(params: RunParameters) -> dict[str, Any]:
         if params.refresh:
             replace = pl.concat([replace, journey_set.without_journey["conv_id"]]).unique().sort()
         written = write_results_task(db, snapshot, new_rows, replace)
+        if not written.report_changed:
+            logger.info("channel_reporting already up to date: not rewritten")
         remember_snapshot_task(snapshot, file_identity(db), settings.quality.max_examples)
     summary.attributed_conversions = new_rows["conv_id"].n_unique()
     summary.rows_written = written.rows_written

@@ -27,14 +27,10 @@ class ReconciliationError(RuntimeError):
 class WriteOutcome:
     rows_deleted: int
     rows_written: int
-    conversions_written: int
-    report_rows: int
     report_changed: bool
     attributed_conversions: int
     attributed_revenue: float
     report_cost: float
-    report_ihc: float
-    report_revenue: float
 
 
 def attributed_conversion_ids(db_path: Path) -> pl.DataFrame:
@@ -53,7 +49,10 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=RELATIVE_TOLERANCE, abs_tol=ABSOLUTE_TOLERANCE)
 
 
-def _reconcile(con: duckdb.DuckDBPyConnection, snapshot: SourceSnapshot) -> tuple:
+def _reconcile(
+    con: duckdb.DuckDBPyConnection, snapshot: SourceSnapshot
+) -> tuple[float, int, float]:
+    """(report cost, attributed conversions, their revenue), or ReconciliationError."""
     row = con.execute(sql("report_checks")).fetchone()
     assert row is not None
     (cost, ihc, revenue, attributed, attributed_revenue, bad_sums, unknown_s, unknown_c) = row
@@ -80,7 +79,7 @@ def _reconcile(con: duckdb.DuckDBPyConnection, snapshot: SourceSnapshot) -> tupl
         )
     if problems:
         raise ReconciliationError("reconciliation failed: " + "; ".join(problems))
-    return cost, ihc, revenue, int(attributed), float(attributed_revenue)
+    return float(cost), int(attributed), float(attributed_revenue)
 
 
 def write_results(
@@ -123,7 +122,7 @@ def write_results(
                     "SELECT conv_id, session_id, ihc FROM new_rows ORDER BY conv_id, session_id"
                 )
             con.execute(sql("channel_report"))
-            cost, ihc, revenue, attributed, attributed_revenue = _reconcile(con, snapshot)
+            cost, attributed, attributed_revenue = _reconcile(con, snapshot)
             changed = con.execute(
                 "SELECT count(*) FROM ("
                 "(SELECT channel_name, date, cost, ihc, ihc_revenue FROM new_channel_report "
@@ -141,7 +140,6 @@ def write_results(
                     "SELECT channel_name, date, cost, ihc, ihc_revenue FROM new_channel_report "
                     "ORDER BY channel_name, date"
                 )
-            report_rows = con.execute("SELECT count(*) FROM new_channel_report").fetchone()[0]
             if new_rows.height or replace_conv_ids.len() or changed:
                 con.execute("COMMIT")
             else:
@@ -154,14 +152,10 @@ def write_results(
         return WriteOutcome(
             rows_deleted=int(deleted),
             rows_written=new_rows.height,
-            conversions_written=new_rows["conv_id"].n_unique() if new_rows.height else 0,
-            report_rows=int(report_rows),
             report_changed=bool(changed),
             attributed_conversions=attributed,
             attributed_revenue=attributed_revenue,
-            report_cost=float(cost),
-            report_ihc=float(ihc),
-            report_revenue=float(revenue),
+            report_cost=cost,
         )
     finally:
         con.close()

@@ -44,8 +44,6 @@ class SourceSnapshot:
     day_costs: pl.DataFrame
     invalid_counts: pl.DataFrame
     invalid_examples: pl.DataFrame
-    total_sessions: int
-    total_conversions: int
     total_cost: float
 
 
@@ -192,9 +190,7 @@ def read_snapshot(
             day_costs=day_costs,
             invalid_counts=invalid_counts.with_columns(pl.col("rows").cast(pl.Int64)),
             invalid_examples=invalid_examples,
-            total_sessions=int(totals[0]),
-            total_conversions=conversions.height,
-            total_cost=float(totals[1]),
+            total_cost=float(totals[0]),
         )
     finally:
         con.close()
