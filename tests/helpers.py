@@ -44,6 +44,22 @@ def build_db(
     return path
 
 
+def build_db_missing_columns(path: Path, session_columns: Sequence[str]) -> Path:
+    """Source tables whose session_sources has only ``session_columns`` (all text)."""
+    con = sqlite3.connect(path)
+    try:
+        con.execute(f"CREATE TABLE session_sources ({', '.join(session_columns)})")
+        con.execute("CREATE TABLE session_costs (session_id TEXT, cost REAL)")
+        con.execute(
+            "CREATE TABLE conversions (conv_id TEXT, user_id TEXT, conv_date TEXT, "
+            "conv_time TEXT, revenue REAL)"
+        )
+        con.commit()
+    finally:
+        con.close()
+    return path
+
+
 def table_rows(path: Path, table: str) -> list[tuple]:
     """All rows of ``table`` in storage order, straight from SQLite."""
     con = sqlite3.connect(path)

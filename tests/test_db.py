@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks.db import DatabaseError, create_table_statements, prepare_database, run_lock
-from tests.helpers import ORIGINAL_SCHEMA, build_db, table_rows
+from tests.helpers import ORIGINAL_SCHEMA, build_db, build_db_missing_columns, table_rows
 
 SESSION = ("s1", "u1", "2023-09-01", "10:00:00", "Direct Traffic", 1, 0, 0)
 CONVERSION = ("c1", "u1", "2023-09-02", "10:00:00", 5.0)
@@ -59,20 +59,18 @@ def test_clean_schema_file_is_accepted(tmp_path: Path) -> None:
 
 
 def test_missing_column_is_named(tmp_path: Path) -> None:
-    db = tmp_path / "c.db"
-    con = sqlite3.connect(db)
-    con.execute(
-        "CREATE TABLE session_sources (session_id TEXT, user_id TEXT, event_date TEXT, "
-        "channel_name TEXT, holder_engagement INT, closer_engagement INT, "
-        "impression_interaction INT)"
+    db = build_db_missing_columns(
+        tmp_path / "c.db",
+        [
+            "session_id",
+            "user_id",
+            "event_date",
+            "channel_name",
+            "holder_engagement",
+            "closer_engagement",
+            "impression_interaction",
+        ],
     )
-    con.execute("CREATE TABLE session_costs (session_id TEXT, cost REAL)")
-    con.execute(
-        "CREATE TABLE conversions (conv_id TEXT, user_id TEXT, conv_date TEXT, "
-        "conv_time TEXT, revenue REAL)"
-    )
-    con.commit()
-    con.close()
     with pytest.raises(
         DatabaseError, match=r"table 'session_sources' lacks column\(s\) 'event_time'"
     ):

@@ -12,7 +12,7 @@ import pytest
 
 from flows.attribution import attribution_flow, main
 from tasks.sample_data import generate_sample_database
-from tests.helpers import build_db, table_rows
+from tests.helpers import build_db, build_db_missing_columns, table_rows
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -166,16 +166,7 @@ def test_cli_refuses_a_missing_explicit_database_without_making_one(
 
 
 def test_cli_names_the_missing_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = tmp_path / "broken.db"
-    con = sqlite3.connect(db)
-    con.execute("CREATE TABLE session_sources (session_id TEXT, user_id TEXT)")
-    con.execute("CREATE TABLE session_costs (session_id TEXT, cost REAL)")
-    con.execute(
-        "CREATE TABLE conversions (conv_id TEXT, user_id TEXT, conv_date TEXT, "
-        "conv_time TEXT, revenue REAL)"
-    )
-    con.commit()
-    con.close()
+    db = build_db_missing_columns(tmp_path / "broken.db", ["session_id", "user_id"])
     assert main(["--db", str(db), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "table 'session_sources' lacks column(s)" in err
