@@ -66,6 +66,7 @@ class ApiSettings(_Section):
     max_sessions_per_request: int = Field(3000, gt=0, le=3000)
     long_journey_policy: Literal["keep_recent", "fail"] = "keep_recent"
     concurrency: int = Field(4, gt=0, le=256)
+    ramp_up_s: float = Field(0.03, ge=0)
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(5, ge=0)
     backoff_base_s: float = Field(0.5, ge=0)

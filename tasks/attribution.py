@@ -35,6 +35,11 @@ def check_results(sent: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
     ``sent`` holds the pairs of the conversions expected back; ``results`` only rows of
     those conversions. One implementation for both providers.
     """
+    return invalid_results(sent.lazy(), results.lazy()).collect(engine="in-memory")
+
+
+def invalid_results(sent: pl.LazyFrame, results: pl.LazyFrame) -> pl.LazyFrame:
+    """``check_results`` as a query, to be collected together with others."""
     sent_pairs = sent.select("conversion_id", "session_id").with_columns(_sent=pl.lit(True))
     got = results.select("conversion_id", "session_id", "ihc").with_columns(_got=pl.lit(True))
     pairs = sent_pairs.join(got, on=["conversion_id", "session_id"], how="full", coalesce=True)

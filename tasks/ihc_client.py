@@ -41,13 +41,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import random
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -62,7 +63,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr, ValidationError
 
 from config.settings import ApiSettings, SettingsError
-from tasks.attribution import check_results
+from tasks.attribution import invalid_results
 from tasks.batching import FAILED_SCHEMA, PackResult, pack_batches
 
 if TYPE_CHECKING:
@@ -261,19 +262,48 @@ def _first(entry: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
     return next((entry[key] for key in keys if entry.get(key) is not None), None)
 
 
+_ANSWER_SCHEMA = pl.Schema(
+    {
+        "value": pl.List(pl.Struct(RESULT_SCHEMA)),
+        "partialFailureErrors": pl.List(
+            pl.Struct(dict.fromkeys((*_ID_KEYS, *_MESSAGE_KEYS, *_CODE_KEYS), pl.String))
+        ),
+    }
+)
+
+
 @dataclass(frozen=True)
 class Answer:
-    """A 200/206 body, read: its result rows (as sent) and its partial failures."""
+    """A 200/206 body, read: its result rows (``RESULT_SCHEMA``) and its partial failures."""
 
-    rows: list[dict[str, Any]]
+    results: pl.DataFrame
     failures: list[tuple[str, str]]
 
 
 def read_answer(content: bytes) -> Answer:
-    """The rows and partial failures [(conversion_id, reason)] of a 200/206 body.
+    """The results and partial failures [(conversion_id, reason)] of a 200/206 body.
 
-    ``ValueError`` when the body is not the expected JSON shape (worth a retry).
+    polars reads the body in one pass, without building Python objects and without
+    holding the GIL (the checker thread goes on meanwhile); a body it cannot take that
+    way (a value of another type, a null row, broken JSON) is read again with orjson,
+    which says what is wrong: values of the wrong type become null (and fail
+    validation), a wrong shape raises ``ValueError`` (worth a retry).
     """
+    if content[:64].lstrip()[:1] == b"{":
+        try:
+            frame = pl.read_json(io.BytesIO(content), schema=_ANSWER_SCHEMA)
+        except pl.exceptions.PolarsError:
+            frame = None
+        if frame is not None and frame.height == 1:
+            value = frame["value"][0]
+            errors = frame["partialFailureErrors"][0]
+            if value is not None and not value.null_count():
+                entries = errors.to_list() if errors is not None else []
+                return Answer(value.struct.unnest(), _failures(entries))
+    return _read_answer_with_orjson(content)
+
+
+def _read_answer_with_orjson(content: bytes) -> Answer:
     try:
         payload = orjson.loads(content)
     except orjson.JSONDecodeError as exc:
@@ -284,26 +314,34 @@ def read_answer(content: bytes) -> Answer:
     errors = payload.get("partialFailureErrors") or []
     if not all(isinstance(row, dict) for row in rows) or not isinstance(errors, list):
         raise ValueError("response 'value' or 'partialFailureErrors' has the wrong shape")
-    failures = [
+    return Answer(result_frame(rows), _failures(errors))
+
+
+def _failures(entries: list[Any]) -> list[tuple[str, str]]:
+    return [
         (
             str(_first(entry, _ID_KEYS)),
             f"API partial failure ({_first(entry, _CODE_KEYS) or '?'}): "
             f"{_first(entry, _MESSAGE_KEYS) or 'no message'}",
         )
-        for entry in errors
+        for entry in entries
         if isinstance(entry, dict) and _first(entry, _ID_KEYS) is not None
     ]
-    return Answer(rows, failures)
 
 
 def result_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """Result rows as typed columns; values of the wrong type become null (and fail validation)."""
-    return pl.DataFrame(
-        [
-            pl.Series(name, [row.get(name) for row in rows], dtype=dtype, strict=False)
-            for name, dtype in RESULT_SCHEMA.items()
-        ]
-    )
+    try:
+        return pl.DataFrame(rows, schema=RESULT_SCHEMA, strict=False)
+    except pl.exceptions.PolarsError:
+        # Some value polars cannot convert row-wise (text or a list for a number):
+        # column by column, such values become null.
+        return pl.DataFrame(
+            [
+                pl.Series(name, [row.get(name) for row in rows], dtype=dtype, strict=False)
+                for name, dtype in RESULT_SCHEMA.items()
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -320,33 +358,56 @@ class _Checked:
 def check_answers(sent: pl.DataFrame, answers: dict[int, Answer]) -> _Checked:
     """Validate the answers of several batches in one vectorised pass.
 
-    ``sent`` has a ``_batch`` column and the (conversion_id, session_id) pairs of
-    exactly the batches in ``answers``. A conversion sits in one batch only.
+    ``sent`` has the (conversion_id, session_id) pairs of exactly the batches in
+    ``answers``, with their ``_batch`` and their ``_row`` in the run's sessions. A
+    conversion sits in one batch only. ``good`` keeps ``_row``, so the run's results
+    are put in order by a sort rather than a join.
     """
-    results = result_frame([row for answer in answers.values() for row in answer.rows])
-    partial = pl.DataFrame(
-        [failure for answer in answers.values() for failure in answer.failures],
-        schema=FAILED_SCHEMA,
-        orient="row",
-    ).unique("conversion_id", keep="first", maintain_order=True)
-    batch_of = sent.select("conversion_id", "_batch").unique("conversion_id")
-    partial = partial.join(batch_of, on="conversion_id", how="semi")
-    expected = sent.join(partial, on="conversion_id", how="anti")
-    ours = results.join(expected, on="conversion_id", how="semi")
-    invalid = check_results(expected, ours)
-    good = ours.join(invalid, on="conversion_id", how="anti")
-    failed = pl.concat([partial, invalid])
-    dirty = set(failed.join(batch_of, on="conversion_id")["_batch"].to_list())
+    results = pl.concat([answer.results for answer in answers.values()])
+    sent_pairs = sent.lazy()
+    batch_of = sent_pairs.select("conversion_id", "_batch").unique("conversion_id")
+    partial = (
+        pl.LazyFrame(
+            [failure for answer in answers.values() for failure in answer.failures],
+            schema=FAILED_SCHEMA,
+            orient="row",
+        )
+        .unique("conversion_id", keep="first", maintain_order=True)
+        .join(batch_of, on="conversion_id", how="semi")
+    )
+    expected = sent_pairs.join(partial, on="conversion_id", how="anti")
+    ours = results.lazy().join(expected, on="conversion_id", how="semi")
+    invalid = invalid_results(expected, ours)
+    # A valid conversion's rows are its sent pairs, each once: the join adds their place.
+    tagged = ours.join(invalid, on="conversion_id", how="anti").join(
+        expected.select("conversion_id", "session_id", "_batch", "_row"),
+        on=["conversion_id", "session_id"],
+    )
+    failed_lazy = pl.concat([partial, invalid])
+    # One query plan for all outputs; the in-memory engine sets up in a fraction of
+    # the time of the streaming default, which is most of the time on a few answers.
+    tagged, failed, dirty_batches, ours_rows = pl.collect_all(
+        [
+            tagged,
+            failed_lazy,
+            failed_lazy.join(batch_of, on="conversion_id").select("_batch"),
+            ours.select(pl.len()),
+        ],
+        engine="in-memory",
+    )
+    dirty = set(dirty_batches["_batch"].to_list())
     clean_ids = [index for index in answers if index not in dirty]
     clean: dict[int, pl.DataFrame] = {}
     if clean_ids:
-        tagged = good.join(batch_of, on="conversion_id").filter(pl.col("_batch").is_in(clean_ids))
         clean = {
-            key[0]: part.drop("_batch")
-            for key, part in tagged.partition_by("_batch", as_dict=True).items()
+            key[0]: part.drop("_row")
+            for key, part in tagged.filter(pl.col("_batch").is_in(clean_ids))
+            .partition_by("_batch", as_dict=True, include_key=False)
+            .items()
         }
-        clean.update({index: good.clear() for index in clean_ids if index not in clean})
-    return _Checked(good, failed, clean, results.height - ours.height)
+        empty = tagged.clear().drop("_batch", "_row")
+        clean.update({index: empty for index in clean_ids if index not in clean})
+    return _Checked(tagged.drop("_batch"), failed, clean, results.height - ours_rows.item())
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -405,7 +466,11 @@ class _Run:
         self.on_progress = on_progress
         self.log = log
         self.started = started
-        self.wire = wire_sessions(packed.sessions)
+        # The wire form of all sessions is made in a thread while the first requests go
+        # out; until it is there, a batch makes its own (the same rows, the same bytes).
+        self.wire: pl.DataFrame | None = None
+        self._wire = asyncio.create_task(asyncio.to_thread(wire_sessions, packed.sessions))
+        self._pairs = packed.sessions.select(pl.col("conversion_id", "session_id").cast(pl.String))
         query = urlencode({"conv_type_id": settings.conv_type_id})
         self.url = f"{settings.base_url}{ENDPOINT}?{query}"
         parameter = settings.redistribution_parameter
@@ -430,15 +495,46 @@ class _Run:
 
     # ---- workers ---------------------------------------------------------------------
 
-    async def worker(self, client: httpx.AsyncClient) -> None:
-        while self._next < len(self.packed.bounds):
-            index = self._next
-            self._next += 1
-            await self._batch(client, index)
+    async def worker(self, number: int, connect: Callable[[], httpx.AsyncClient]) -> None:
+        """Send batches one after another on one connection until none is left.
+
+        Worker ``number`` starts ``number / concurrency`` of ``ramp_up_s`` late, so the
+        first requests (and their answers) do not all come at once.
+        """
+        await asyncio.sleep(number * self.settings.ramp_up_s / self.settings.concurrency)
+        async with connect() as client:
+            while self._next < len(self.packed.bounds):
+                index = self._next
+                self._next += 1
+                await self._batch(client, index)
 
     def _batch_wire(self, index: int) -> pl.DataFrame:
         start, end = self.packed.bounds[index]
+        if self.wire is None and self._wire.done():
+            self.wire = self._wire.result()
+        if self.wire is None:
+            return wire_sessions(self.packed.sessions.slice(start, end - start))
         return self.wire.slice(start, end - start)
+
+    def stop(self) -> None:
+        """Cancel the wire conversion if it is still running (the run ended early)."""
+        self._wire.cancel()
+
+    def _sent(self, indexes: Collection[int]) -> pl.DataFrame:
+        """The (conversion_id, session_id) pairs of these batches, with ``_batch`` and ``_row``."""
+        return pl.concat(
+            [
+                self._pairs.slice(start, end - start).with_columns(
+                    _batch=pl.lit(index, pl.Int64),
+                    _row=pl.int_range(start, end, dtype=pl.Int64),
+                )
+                for index in indexes
+                for start, end in [self.packed.bounds[index]]
+            ]
+        )
+
+    def _check(self, answers: dict[int, Answer]) -> _Checked:
+        return check_answers(self._sent(answers), answers)
 
     def _fail(self, conversions: pl.DataFrame, reason: str) -> None:
         failed = conversions.select(
@@ -455,7 +551,13 @@ class _Run:
         cached = await self._cached(key)
         if cached is not None:
             self.stats.cache_hits += 1
-            self.results.append(cached)
+            self.results.append(
+                cached.join(
+                    self._sent([index]).drop("_batch"),
+                    on=["conversion_id", "session_id"],
+                    how="left",
+                )
+            )
             self._completed()
             return
         attempts = self.settings.max_retries + 1
@@ -539,27 +641,21 @@ class _Run:
     async def checker(self) -> None:
         """Validate arrived answers in rounds until the workers are done and all are checked.
 
-        A round takes what has arrived in ``CHECK_ROUND_S`` (or until sending ends):
-        a round costs about the same for one answer as for twenty.
+        A round takes what has arrived in ``CHECK_ROUND_S``, as a round costs about the
+        same for one answer as for twenty; once every batch has gone out, it takes what
+        is there at once, so little is left to check when the last answer comes.
         """
         while self._sending or self._answers:
             await self._arrived.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._done_sending.wait(), CHECK_ROUND_S)
+            if self._next < len(self.packed.bounds):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done_sending.wait(), CHECK_ROUND_S)
             self._arrived.clear()
             if not self._answers:
                 continue
             answers, self._answers = self._answers, {}
-            sent = pl.concat(
-                [
-                    self._batch_wire(index)
-                    .select("conversion_id", "session_id")
-                    .with_columns(_batch=pl.lit(index, pl.Int64))
-                    for index in answers
-                ]
-            )
             checked = await asyncio.to_thread(
-                check_answers, sent, {index: answer for index, (answer, _) in answers.items()}
+                self._check, {index: answer for index, (answer, _) in answers.items()}
             )
             if checked.foreign_rows:
                 self.log.warning(
@@ -629,10 +725,8 @@ class _Run:
 
     def outcome(self) -> ApiAttribution:
         """Results in the journeys' session order; failures by conversion_id."""
-        order = self.packed.sessions.select("conversion_id", "session_id").with_row_index("_row")
         results = (
-            pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *self.results])
-            .join(order, on=["conversion_id", "session_id"], how="left")
+            pl.concat([pl.DataFrame(schema={**RESULT_SCHEMA, "_row": pl.Int64}), *self.results])
             .sort("_row")
             .drop("_row")
         )
@@ -668,7 +762,6 @@ async def attribute_journeys_async(
     settings: ApiSettings,
     api_key: SecretStr | str,
     *,
-    transport: httpx.AsyncBaseTransport | None = None,
     cache: BatchCache | None = None,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
@@ -676,9 +769,9 @@ async def attribute_journeys_async(
     """Attribute every journey of ``journeys`` with the IHC API.
 
     ``journeys`` is sorted by (conversion_id, timestamp, session_id) with the session
-    columns of the contract (others are ignored). ``transport`` replaces the network
-    (e.g. a loopback server's); ``cache`` serves and keeps validated batch results;
-    ``on_progress`` is called after each batch. ``ApiKeyRejected`` stops the run.
+    columns of the contract (others are ignored). ``cache`` serves and keeps validated
+    batch results; ``on_progress`` is called after each batch. ``ApiKeyRejected`` stops
+    the run.
     """
     started = time.perf_counter()
     log = log if log is not None else logger
@@ -711,24 +804,21 @@ async def attribute_journeys_async(
                 "x-api-key": run.api_key.get_secret_value(),
                 "content-type": "application/json",
             }
-            async with contextlib.AsyncExitStack() as stack:
-                clients = [
-                    await stack.enter_async_context(
-                        httpx.AsyncClient(
-                            transport=transport,
-                            verify=tls,
-                            headers=headers,
-                            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                            timeout=httpx.Timeout(settings.timeout_s),
-                        )
-                    )
-                    for _ in range(workers)
-                ]
-                await _until_done_or_error([run.worker(client) for client in clients])
+
+            def connect() -> httpx.AsyncClient:
+                return httpx.AsyncClient(
+                    verify=tls,
+                    headers=headers,
+                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                    timeout=httpx.Timeout(settings.timeout_s),
+                )
+
+            await _until_done_or_error([run.worker(number, connect) for number in range(workers)])
         run.sending_done()
         await checker
     finally:
         checker.cancel()
+        run.stop()
     return run.outcome()
 
 
@@ -737,7 +827,6 @@ def attribute_journeys(
     settings: ApiSettings,
     api_key: SecretStr | str,
     *,
-    transport: httpx.AsyncBaseTransport | None = None,
     cache: BatchCache | None = None,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
@@ -748,7 +837,6 @@ def attribute_journeys(
             journeys,
             settings,
             api_key,
-            transport=transport,
             cache=cache,
             on_progress=on_progress,
             log=log,

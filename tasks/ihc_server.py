@@ -74,8 +74,8 @@ FLAGS = ("holder_engagement", "closer_engagement", "impression_interaction", "co
 MAX_BODY_BYTES = 64 * 1024 * 1024
 WRONG_SUM_FACTOR = 0.8
 INJECTED_MESSAGE = "journey could not be attributed (injected partial failure)"
-# Joins a job number and a conversion_id into one key while requests share a model call.
-_SEP = "\x1f"
+# A journey while requests share a model call: the request's number and its conversion_id.
+_KEY = ("_job", "conversion_id")
 
 
 @dataclass(frozen=True)
@@ -207,37 +207,63 @@ class _Job:
 
 
 def _read_sessions(jobs: list[_Job]) -> pl.DataFrame:
-    """All jobs' sessions as typed columns with a ``_job`` number.
+    """All jobs' sessions as typed columns, with the ``_job`` number in front.
 
     Unreadable values become null (and their journey is then rejected).
     """
     rows = [row for job in jobs for row in job.sessions]
-    columns = [
-        pl.Series(name, [row.get(name) for row in rows], dtype=pl.String, strict=False)
-        for name in SESSION_FIELDS
-    ]
-    numbers = pl.DataFrame(
-        {"_job": range(len(jobs)), "_n": [len(job.sessions) for job in jobs]},
-        schema={"_job": pl.Int32, "_n": pl.Int64},
-    ).select(pl.col("_job").repeat_by("_n").explode())
-    plain = pl.col("timestamp").str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us")
-    zoned = (
-        pl.col("timestamp")
-        .str.to_datetime("%Y-%m-%d %H:%M:%S %z", strict=False, time_unit="us")
-        .dt.convert_time_zone("UTC")
-        .dt.replace_time_zone(None)
+    try:
+        # Built in one go from the rows; values polars cannot take as text (lists,
+        # objects, huge integers) fail here, and are read column by column below.
+        text = pl.DataFrame(rows, schema=dict.fromkeys(SESSION_FIELDS, pl.String), strict=False)
+    except pl.exceptions.PolarsError:
+        text = pl.DataFrame(
+            [
+                pl.Series(name, [row.get(name) for row in rows], dtype=pl.String, strict=False)
+                for name in SESSION_FIELDS
+            ]
+        )
+    numbers = pl.Series(
+        "_job", [number for number, job in enumerate(jobs) for _ in job.sessions], pl.Int32
     )
-    return pl.DataFrame(columns).with_columns(
-        numbers["_job"],
-        pl.coalesce(plain, zoned).alias("timestamp"),
-        pl.col("timestamp").alias("_timestamp_text"),
+    stamp = text["timestamp"]
+    parsed = stamp.str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us")
+    if parsed.null_count() > stamp.null_count():
+        # Some carry a UTC offset (or are unreadable): those as UTC wall time.
+        zoned = (
+            stamp.str.to_datetime("%Y-%m-%d %H:%M:%S %z", strict=False, time_unit="us")
+            .dt.convert_time_zone("UTC")
+            .dt.replace_time_zone(None)
+        )
+        parsed = parsed.fill_null(zoned)
+    return text.with_columns(
+        parsed.alias("timestamp"),
+        stamp.alias("_timestamp_text"),
         *(pl.col(flag).cast(pl.Float64, strict=False) for flag in FLAGS),
-    )
+    ).insert_column(0, numbers)
 
 
 def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
-    """[conversion_id, message] of the journeys the server cannot attribute (406)."""
-    bad_flag = pl.any_horizontal(~pl.col(flag).is_in([0.0, 1.0]).fill_null(False) for flag in FLAGS)
+    """[_job, conversion_id, message] of the journeys the server cannot attribute (406)."""
+    flags_ok = pl.all_horizontal(pl.col(flag).is_in([0.0, 1.0]).fill_null(False) for flag in FLAGS)
+    present = pl.all_horizontal(
+        pl.col(name).is_not_null() for name in ("session_id", "channel_label", "timestamp")
+    )
+    conversion_ts = pl.col("timestamp").filter(pl.col("conversion") == 1).max()
+    # Cheap checks first: the messages are only built for the journeys that fail one.
+    suspects = (
+        sessions.group_by(_KEY)
+        .agg(
+            ok=(present & flags_ok).all()
+            & (pl.col("session_id").n_unique() == pl.len())
+            & ((pl.col("conversion") == 1).sum() == 1)
+            & (pl.col("timestamp") <= conversion_ts).all()
+        )
+        .filter(~pl.col("ok"))
+    )
+    if suspects.height == 0:
+        return pl.DataFrame(schema={**sessions.select(_KEY).schema, "message": pl.String})
+    bad_flag = ~flags_ok
     row_problem = (
         pl.when(pl.col("session_id").is_null())
         .then(pl.lit("a session has no session_id"))
@@ -254,9 +280,9 @@ def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
         .when(bad_flag)
         .then(pl.format("session {}: engagement and conversion flags must be 0 or 1", "session_id"))
     )
-    conversion_ts = pl.col("timestamp").filter(pl.col("conversion") == 1).max()
     return (
-        sessions.group_by("conversion_id", maintain_order=True)
+        sessions.join(suspects, on=_KEY, how="semi")
+        .group_by(_KEY, maintain_order=True)
         .agg(
             row_problem=row_problem.drop_nulls().first(),
             duplicates=pl.col("session_id").is_duplicated().any(),
@@ -264,7 +290,7 @@ def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
             after_conversion=(pl.col("timestamp") > conversion_ts).any(),
         )
         .select(
-            "conversion_id",
+            *_KEY,
             message=pl.when(pl.col("row_problem").is_not_null())
             .then(pl.col("row_problem"))
             .when(pl.col("duplicates"))
@@ -279,32 +305,31 @@ def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
 
 
 def _injected(
-    jobs: list[_Job], answered: list[str], rate: float, skip: Collection[str] = ()
-) -> list[str]:
-    """Keyed conversion ids drawn at ``rate``, each from its own job's random stream."""
+    jobs: list[_Job],
+    answered: list[tuple[int, str]],
+    rate: float,
+    skip: Collection[tuple[int, str]] = (),
+) -> list[tuple[int, str]]:
+    """(job, conversion_id) pairs drawn at ``rate``, each from its own job's random stream."""
     if rate <= 0:
         return []
-    return [
-        keyed
-        for keyed in answered
-        if keyed not in skip and jobs[int(keyed.split(_SEP, 1)[0])].rng.random() < rate
-    ]
+    return [pair for pair in answered if pair not in skip and jobs[pair[0]].rng.random() < rate]
+
+
+def _pairs(pairs: list[tuple[int, str]]) -> pl.DataFrame:
+    return pl.DataFrame(pairs, schema={"_job": pl.Int32, "conversion_id": pl.String}, orient="row")
 
 
 def _attribute_jobs(jobs: list[_Job], config: ServerConfig) -> list[_Answer]:
     """The answers of several requests from one model call per redistribution parameter.
 
-    A job number in front of each conversion_id keeps equal ids of different
-    requests apart; everything after reading the rows is vectorised over all jobs.
+    Journeys are keyed by (job number, conversion_id), which keeps equal ids of
+    different requests apart; everything after reading the rows is vectorised over
+    all jobs.
     """
     sessions = _read_sessions(jobs)
-    keyed = sessions.with_columns(
-        pl.concat_str(pl.col("_job").cast(pl.String), pl.lit(_SEP), "conversion_id").alias(
-            "conversion_id"
-        )
-    )
-    errors = _journey_errors(keyed)
-    good = keyed.join(errors, on="conversion_id", how="anti")
+    errors = _journey_errors(sessions)
+    good = sessions.join(errors, on=_KEY, how="anti") if errors.height else sessions
     groups: dict[str, list[int]] = {}
     for number, job in enumerate(jobs):
         rule = job.redistribution.model_dump_json() if job.redistribution else ""
@@ -312,51 +337,45 @@ def _attribute_jobs(jobs: list[_Job], config: ServerConfig) -> list[_Answer]:
     results = pl.concat(
         [
             compute_ihc(
-                good.filter(pl.col("_job").is_in(numbers)),
+                good if len(groups) == 1 else good.filter(pl.col("_job").is_in(numbers)),
                 config.model,
                 jobs[numbers[0]].redistribution,
+                by=("_job",),
             )
             for numbers in groups.values()
         ]
     )
-    answered = results["conversion_id"].unique(maintain_order=True).to_list()
-    injected = _injected(jobs, answered, config.partial_failure_rate)
-    wrong = _injected(jobs, answered, config.wrong_sums_rate, frozenset(injected))
-    results = results.filter(~pl.col("conversion_id").is_in(injected)).with_columns(
-        pl.when(pl.col("conversion_id").is_in(wrong))
-        .then(pl.col("ihc") * WRONG_SUM_FACTOR)
-        .otherwise(pl.col("ihc"))
-    )
+    injected: list[tuple[int, str]] = []
+    wrong: list[tuple[int, str]] = []
+    if config.partial_failure_rate > 0 or config.wrong_sums_rate > 0:
+        answered = results.select(_KEY).unique(maintain_order=True).rows()
+        injected = _injected(jobs, answered, config.partial_failure_rate)
+        wrong = _injected(jobs, answered, config.wrong_sums_rate, frozenset(injected))
+        results = (
+            results.join(_pairs(injected), on=_KEY, how="anti")
+            .join(_pairs(wrong).with_columns(_wrong=pl.lit(True)), on=_KEY, how="left")
+            .with_columns(
+                pl.when(pl.col("_wrong")).then(pl.col("ihc") * WRONG_SUM_FACTOR).otherwise("ihc")
+            )
+            .drop("_wrong")
+        )
     failures = pl.concat(
         [
             errors.with_columns(statusCode=pl.lit(406, pl.Int64)),
-            pl.DataFrame(
-                {"conversion_id": injected, "message": INJECTED_MESSAGE, "statusCode": 500},
-                schema={"conversion_id": pl.String, "message": pl.String, "statusCode": pl.Int64},
+            _pairs(injected).with_columns(
+                message=pl.lit(INJECTED_MESSAGE), statusCode=pl.lit(500, pl.Int64)
             ),
         ]
-    ).select("conversion_id", "statusCode", "message")
-    split = pl.col("conversion_id").str.split_exact(_SEP, 1)
-    parts = [
-        {
-            key[0]: part.drop("_job")
-            for key, part in frame.with_columns(
-                _job=split.struct.field("field_0").cast(pl.Int32),
-                conversion_id=split.struct.field("field_1"),
-            )
-            .partition_by("_job", as_dict=True)
-            .items()
-        }
-        for frame in (results, failures)
-    ]
+    ).select(*_KEY, "statusCode", "message")
+    rows_of = results.partition_by("_job", as_dict=True, include_key=False)
+    failed_of = failures.partition_by("_job", as_dict=True, include_key=False)
     wrong_by_job: dict[int, list[str]] = {}
-    for keyed_id in wrong:
-        number, conversion_id = keyed_id.split(_SEP, 1)
-        wrong_by_job.setdefault(int(number), []).append(conversion_id)
+    for number, conversion_id in wrong:
+        wrong_by_job.setdefault(number, []).append(conversion_id)
     answers = []
     for number in range(len(jobs)):
-        rows = parts[0].get(number)
-        failed = parts[1].get(number)
+        rows = rows_of.get((number,))
+        failed = failed_of.get((number,))
         status = 206 if failed is not None else 200
         body = b"".join(
             (
@@ -468,6 +487,9 @@ class _Server:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError:
             return False
+        # The latency clock starts when the request arrives: reading its body and the
+        # server's own work happen within ``latency_ms``, as at a remote service.
+        started = time.monotonic()
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         method, target, _ = request_line.split(" ", 2)
         headers = {}
@@ -481,7 +503,6 @@ class _Server:
             return False
         body = await reader.readexactly(length) if length else b""
         keep_alive = headers.get("connection", "").lower() != "close"
-        started = time.monotonic()
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:

@@ -33,6 +33,7 @@ from tasks.ihc_client import (
     api_settings_from_env,
     attribute_journeys,
     attribute_with_api,
+    read_answer,
     resolve_api_key,
 )
 from tasks.ihc_server import ServerHandle
@@ -53,6 +54,7 @@ Server = Callable[..., ServerHandle]
 def api_settings(server: ServerHandle, **overrides: Any) -> ApiSettings:
     values: dict[str, Any] = {
         "base_url": server.url,
+        "ramp_up_s": 0.0,
         "conv_type_id": "shop",
         "concurrency": 4,
         "max_retries": 3,
@@ -271,6 +273,56 @@ def test_wrong_sums_fail_their_conversions_and_are_never_renormalised(
     assert not set(outcome.results["conversion_id"]) & server.stats.wrong_sums
     kept = journeys.filter(~pl.col("conversion_id").is_in(list(server.stats.wrong_sums)))
     assert_frame_equal(outcome.results, local_results(kept))
+
+
+def test_the_first_requests_are_spread_over_the_ramp_up(
+    ihc_server: Server, ihc_api_key: str, make_journeys
+) -> None:
+    # Answers take longer than the ramp-up: the first four arrivals are the workers' first.
+    server = ihc_server(latency_ms=400)
+    journeys = make_journeys([2] * 8)
+    for ramp_up_s, spread in ((0.0, (0.0, 0.05)), (0.3, (0.2, 0.35))):
+        settings = api_settings(
+            server, concurrency=4, max_journeys_per_request=1, ramp_up_s=ramp_up_s
+        )
+        start = len(server.stats.log)
+        outcome = attribute_journeys(journeys, settings, ihc_api_key)
+        assert outcome.failed.height == 0
+        first = [record.arrived for record in server.stats.log[start : start + 4]]
+        # Worker k starts k/4 of the ramp-up late: the first four arrive that far apart.
+        assert spread[0] <= first[-1] - first[0] < spread[1]
+        assert server.stats.max_in_flight == 4
+
+
+def test_answers_are_read_tolerantly_and_a_wrong_shape_is_refused() -> None:
+    # Numbers as integers or text, ids as numbers, extra and missing fields: read as a
+    # JSON reader would (missing or unreadable values become null and fail validation).
+    answer = read_answer(
+        b'{"statusCode": 206, "value": ['
+        b'{"conversion_id": 7, "session_id": "s1", "initializer": 1, "holder": "0.5",'
+        b' "closer": 0, "ihc": 0.75, "extra": [1, 2]},'
+        b'{"conversion_id": "c2", "session_id": "s2", "ihc": "n/a"}],'
+        b' "partialFailureErrors": [{"conversionId": "c3", "status": 406, "error": "bad"},'
+        b' {"statusCode": 500}]}'
+    )
+    assert answer.results.rows() == [
+        ("7", "s1", 1.0, 0.5, 0.0, 0.75),
+        ("c2", "s2", None, None, None, None),
+    ]
+    assert answer.failures == [("c3", "API partial failure (406): bad")]
+    plain = read_answer(b'{"value": [{"conversion_id": "c", "session_id": "s", "ihc": 1}]}')
+    assert plain.results.rows() == [("c", "s", None, None, None, 1.0)]
+    assert plain.failures == []
+    for body, problem in (
+        (b'{"value": [{"conversion_id": "c", "ihc": 1}', "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b'[{"value": []}]', "no list 'value'"),
+        (b'{"statusCode": 200}', "no list 'value'"),
+        (b'{"value": [null]}', "wrong shape"),
+        (b'{"value": [], "partialFailureErrors": {"c": 1}}', "wrong shape"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            read_answer(body)
 
 
 def test_timeouts_dropped_connections_and_unreadable_bodies_are_retried(
