@@ -2,8 +2,9 @@
 
 ``attribute_journeys`` packs the journeys into requests (``tasks.batching``), sends
 them with ``api.concurrency`` workers, each with one keep-alive connection (so at
-most that many requests are in flight), validates the answers off the event loop
-while the workers go on sending, and handles every status of the contract
+most that many requests are in flight; the workers start spread over
+``api.ramp_up_s``), validates the answers off the event loop while the workers go on
+sending, and handles every status of the contract
 (``shared/spec/ihc-api.md``):
 
 - 200 / 206: the results are validated per conversion — every returned
@@ -466,10 +467,7 @@ class _Run:
         self.on_progress = on_progress
         self.log = log
         self.started = started
-        # The wire form of all sessions is made in a thread while the first requests go
-        # out; until it is there, a batch makes its own (the same rows, the same bytes).
-        self.wire: pl.DataFrame | None = None
-        self._wire = asyncio.create_task(asyncio.to_thread(wire_sessions, packed.sessions))
+        self.wire = wire_sessions(packed.sessions)
         self._pairs = packed.sessions.select(pl.col("conversion_id", "session_id").cast(pl.String))
         query = urlencode({"conv_type_id": settings.conv_type_id})
         self.url = f"{settings.base_url}{ENDPOINT}?{query}"
@@ -510,15 +508,7 @@ class _Run:
 
     def _batch_wire(self, index: int) -> pl.DataFrame:
         start, end = self.packed.bounds[index]
-        if self.wire is None and self._wire.done():
-            self.wire = self._wire.result()
-        if self.wire is None:
-            return wire_sessions(self.packed.sessions.slice(start, end - start))
         return self.wire.slice(start, end - start)
-
-    def stop(self) -> None:
-        """Cancel the wire conversion if it is still running (the run ended early)."""
-        self._wire.cancel()
 
     def _sent(self, indexes: Collection[int]) -> pl.DataFrame:
         """The (conversion_id, session_id) pairs of these batches, with ``_batch`` and ``_row``."""
@@ -818,7 +808,6 @@ async def attribute_journeys_async(
         await checker
     finally:
         checker.cancel()
-        run.stop()
     return run.outcome()
 
 

@@ -22,10 +22,11 @@ Choices where the contract is silent:
   session with ``conversion = 1``, or has a session after that one. A session without
   ``conversion_id`` cannot be assigned to a journey: the whole request gets 400.
 - ``latency_ms`` is the response-time floor: a response leaves no earlier than
-  ``latency_ms`` after its request was read, and the model runs during that time.
+  ``latency_ms`` after its request began to arrive (its head was read); reading the
+  body and running the model happen during that time, as at a remote service.
   Requests arriving within a quarter of the latency are attributed together (one
-  ``compute_ihc`` call per round, off the event loop), so the server's own work
-  adds little on top.
+  ``compute_ihc`` call per round, off the event loop, journeys keyed by request), so
+  the server's own work adds little on top.
 - Injected partial failures are listed with statusCode 500; injected wrong sums
   scale a journey's ihc by 0.8. ``GET /_stats`` (outside the contract) returns the
   counts as JSON, for benchmarks that run the server in its own process.

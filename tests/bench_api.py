@@ -121,6 +121,7 @@ async def _bare_httpx(url: str, bodies: list[bytes], settings: ApiSettings) -> f
     async def worker(number: int) -> None:
         await asyncio.sleep(number * settings.ramp_up_s / settings.concurrency)
         async with httpx.AsyncClient(
+            verify=False,  # plain http: no TLS context to load (the client does the same)
             headers={"x-api-key": BENCH_KEY, "content-type": "application/json"},
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             timeout=settings.timeout_s,
