@@ -38,23 +38,37 @@ def check_results(sent: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
     return invalid_results(sent.lazy(), results.lazy()).collect(engine="in-memory")
 
 
-def invalid_results(sent: pl.LazyFrame, results: pl.LazyFrame) -> pl.LazyFrame:
-    """``check_results`` as a query, to be collected together with others."""
-    sent_pairs = sent.select("conversion_id", "session_id").with_columns(_sent=pl.lit(True))
-    got = results.select("conversion_id", "session_id", "ihc").with_columns(_got=pl.lit(True))
-    pairs = sent_pairs.join(got, on=["conversion_id", "session_id"], how="full", coalesce=True)
+def invalid_results(
+    sent: pl.LazyFrame, results: pl.LazyFrame, *, aligned: bool = False
+) -> pl.LazyFrame:
+    """``check_results`` as a query, to be collected together with others.
+
+    With ``aligned`` the caller has made sure that ``results`` holds exactly the sent
+    pairs, each once (row for row the same ids as ``sent``): only the values are
+    checked, without matching pairs.
+    """
     ihc = pl.col("ihc")
-    return (
-        pairs.group_by("conversion_id")
-        .agg(
+    values = {
+        "no_value": (pl.col("_got") & (ihc.is_null() | ihc.is_nan())).fill_null(False).sum(),
+        "out_of_range": ((ihc < 0) | (ihc > 1)).fill_null(False).sum(),
+        "total": ihc.sum(),
+    }
+    got = results.select("conversion_id", "session_id", "ihc").with_columns(_got=pl.lit(True))
+    if aligned:
+        counts = got.group_by("conversion_id").agg(
+            unsent=pl.lit(0), missing=pl.lit(0), repeated=pl.lit(0), **values
+        )
+    else:
+        sent_pairs = sent.select("conversion_id", "session_id").with_columns(_sent=pl.lit(True))
+        pairs = sent_pairs.join(got, on=["conversion_id", "session_id"], how="full", coalesce=True)
+        counts = pairs.group_by("conversion_id").agg(
             unsent=pl.col("_sent").is_null().sum(),
             missing=pl.col("_got").is_null().sum(),
             repeated=pl.col("session_id").is_duplicated().sum(),
-            no_value=(pl.col("_got") & (ihc.is_null() | ihc.is_nan())).fill_null(False).sum(),
-            out_of_range=((ihc < 0) | (ihc > 1)).fill_null(False).sum(),
-            total=ihc.sum(),
+            **values,
         )
-        .with_columns(
+    return (
+        counts.with_columns(
             reason=pl.when(pl.col("unsent") > 0)
             .then(pl.format("{} returned session(s) were not sent", "unsent"))
             .when(pl.col("missing") > 0)

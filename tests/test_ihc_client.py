@@ -27,12 +27,14 @@ from config.settings import ApiSettings, LocalModelSettings, RedistributionParam
 from tasks.batching import pack_batches
 from tasks.ihc_client import (
     PROGRESS_ARTIFACT_KEY,
+    Answer,
     ApiKeyRejected,
     ProgressEvent,
     ResultStoreBatchCache,
     api_settings_from_env,
     attribute_journeys,
     attribute_with_api,
+    check_answers,
     read_answer,
     resolve_api_key,
 )
@@ -323,6 +325,36 @@ def test_answers_are_read_tolerantly_and_a_wrong_shape_is_refused() -> None:
     ):
         with pytest.raises(ValueError, match=problem):
             read_answer(body)
+
+
+def test_answers_are_checked_the_same_in_any_row_order(make_journeys) -> None:
+    journeys = make_journeys([3, 1, 4, 2])
+    expected = local_results(journeys)
+    sent = journeys.select("conversion_id", "session_id").with_columns(
+        _batch=pl.lit(0, pl.Int64), _row=pl.int_range(pl.len(), dtype=pl.Int64)
+    )
+
+    def check(results: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, str]]:
+        checked = check_answers(sent, {0: Answer(results, [])})
+        good = checked.good.sort("_row").drop("_row")
+        return good, dict(checked.failed.iter_rows())
+
+    for results in (expected, expected.reverse()):  # as sent; in another order
+        good, failed = check(results)
+        assert_frame_equal(good, expected)
+        assert failed == {}
+    wrong = expected.with_columns(
+        ihc=pl.when(pl.col("conversion_id") == "conv-00002").then(0.0).otherwise("ihc")
+    )
+    for results in (wrong, wrong.reverse(), wrong.reverse().head(-1)):
+        good, failed = check(results)
+        assert failed["conv-00002"] == "ihc sums to 0.0 instead of 1"
+        assert "conv-00002" not in good["conversion_id"].to_list()
+    # The reversed frame's last row is conv-00000's first session.
+    assert failed["conv-00000"] == "1 sent session(s) missing from the result"
+    assert_frame_equal(
+        good, expected.filter(pl.col("conversion_id").is_in(["conv-00001", "conv-00003"]))
+    )
 
 
 def test_timeouts_dropped_connections_and_unreadable_bodies_are_retried(
