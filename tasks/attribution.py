@@ -26,6 +26,24 @@ class AttributionOutcome:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def rows_frame(rows: list[dict[str, Any]], schema: pl.Schema) -> pl.DataFrame:
+    """JSON rows (dicts) as typed columns: missing keys and values of the wrong type become null.
+
+    Built in one go from the rows; when a value is one polars cannot convert row-wise
+    (a list or an object, text for a number, a huge integer), column by column instead,
+    where such values become null.
+    """
+    try:
+        return pl.DataFrame(rows, schema=schema, strict=False)
+    except pl.exceptions.PolarsError:
+        return pl.DataFrame(
+            [
+                pl.Series(name, [row.get(name) for row in rows], dtype=dtype, strict=False)
+                for name, dtype in schema.items()
+            ]
+        )
+
+
 def check_results(sent: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
     """[conversion_id, reason] of the sent conversions whose results break the contract.
 

@@ -64,7 +64,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr, ValidationError
 
 from config.settings import ApiSettings, SettingsError
-from tasks.attribution import invalid_results
+from tasks.attribution import invalid_results, rows_frame
 from tasks.batching import FAILED_SCHEMA, PackResult, pack_batches
 
 if TYPE_CHECKING:
@@ -315,7 +315,7 @@ def _read_answer_with_orjson(content: bytes) -> Answer:
     errors = payload.get("partialFailureErrors") or []
     if not all(isinstance(row, dict) for row in rows) or not isinstance(errors, list):
         raise ValueError("response 'value' or 'partialFailureErrors' has the wrong shape")
-    return Answer(result_frame(rows), _failures(errors))
+    return Answer(rows_frame(rows, RESULT_SCHEMA), _failures(errors))
 
 
 def _failures(entries: list[Any]) -> list[tuple[str, str]]:
@@ -328,21 +328,6 @@ def _failures(entries: list[Any]) -> list[tuple[str, str]]:
         for entry in entries
         if isinstance(entry, dict) and _first(entry, _ID_KEYS) is not None
     ]
-
-
-def result_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
-    """Result rows as typed columns; values of the wrong type become null (and fail validation)."""
-    try:
-        return pl.DataFrame(rows, schema=RESULT_SCHEMA, strict=False)
-    except pl.exceptions.PolarsError:
-        # Some value polars cannot convert row-wise (text or a list for a number):
-        # column by column, such values become null.
-        return pl.DataFrame(
-            [
-                pl.Series(name, [row.get(name) for row in rows], dtype=dtype, strict=False)
-                for name, dtype in RESULT_SCHEMA.items()
-            ]
-        )
 
 
 @dataclass(frozen=True)
@@ -487,7 +472,6 @@ class _Run:
         self.log = log
         self.started = started
         self.wire = wire_sessions(packed.sessions)
-        self._pairs = packed.sessions.select(pl.col("conversion_id", "session_id").cast(pl.String))
         query = urlencode({"conv_type_id": settings.conv_type_id})
         self.url = f"{settings.base_url}{ENDPOINT}?{query}"
         parameter = settings.redistribution_parameter
@@ -533,7 +517,9 @@ class _Run:
         """The (conversion_id, session_id) pairs of these batches, with ``_batch`` and ``_row``."""
         return pl.concat(
             [
-                self._pairs.slice(start, end - start).with_columns(
+                self._batch_wire(index)
+                .select("conversion_id", "session_id")
+                .with_columns(
                     _batch=pl.lit(index, pl.Int64),
                     _row=pl.int_range(start, end, dtype=pl.Int64),
                 )

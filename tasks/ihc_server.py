@@ -62,6 +62,7 @@ import polars as pl
 from pydantic import ValidationError
 
 from config.settings import LocalModelSettings, RedistributionParameter
+from tasks.attribution import rows_frame
 from tasks.local_model import INPUT_COLUMNS, compute_ihc
 
 logger = logging.getLogger(__name__)
@@ -212,18 +213,10 @@ def _read_sessions(jobs: list[_Job]) -> pl.DataFrame:
 
     Unreadable values become null (and their journey is then rejected).
     """
-    rows = [row for job in jobs for row in job.sessions]
-    try:
-        # Built in one go from the rows; values polars cannot take as text (lists,
-        # objects, huge integers) fail here, and are read column by column below.
-        text = pl.DataFrame(rows, schema=dict.fromkeys(SESSION_FIELDS, pl.String), strict=False)
-    except pl.exceptions.PolarsError:
-        text = pl.DataFrame(
-            [
-                pl.Series(name, [row.get(name) for row in rows], dtype=pl.String, strict=False)
-                for name in SESSION_FIELDS
-            ]
-        )
+    text = rows_frame(
+        [row for job in jobs for row in job.sessions],
+        pl.Schema(dict.fromkeys(SESSION_FIELDS, pl.String)),
+    )
     numbers = pl.Series(
         "_job", [number for number, job in enumerate(jobs) for _ in job.sessions], pl.Int32
     )
