@@ -290,9 +290,10 @@ def test_the_first_requests_are_spread_over_the_ramp_up(
         start = len(server.stats.log)
         outcome = attribute_journeys(journeys, settings, ihc_api_key)
         assert outcome.failed.height == 0
+        # Logged once read, so not always in the order their heads arrived.
         first = [record.arrived for record in server.stats.log[start : start + 4]]
         # Worker k starts k/4 of the ramp-up late: the first four arrive that far apart.
-        assert spread[0] <= first[-1] - first[0] < spread[1]
+        assert spread[0] <= max(first) - min(first) < spread[1]
         assert server.stats.max_in_flight == 4
 
 
