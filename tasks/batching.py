@@ -37,6 +37,8 @@ class PackResult:
 
     sessions: pl.DataFrame
     bounds: list[tuple[int, int]]
+    # How many journeys (conversions) ``sessions`` holds.
+    journeys: int = 0
     truncated: list[str] = field(default_factory=list)
     failed: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=FAILED_SCHEMA))
 
@@ -54,13 +56,18 @@ def cut_points(sizes: list[int], max_journeys: int, max_sessions: int) -> list[i
 
     Every size must be at most ``max_sessions``.
     """
-    cumulative = [0, *accumulate(sizes)]
+    return _cuts([0, *accumulate(sizes)], max_journeys, max_sessions)
+
+
+def _cuts(cumulative: list[int], max_journeys: int, max_sessions: int) -> list[int]:
+    """``cut_points`` from the cumulative sizes ``[0, s0, s0 + s1, …]``."""
+    journeys = len(cumulative) - 1
     cuts = [0]
     start = 0
-    while start < len(sizes):
+    while start < journeys:
         # Largest end with cumulative[end] - cumulative[start] <= max_sessions.
         by_sessions = bisect_right(cumulative, cumulative[start] + max_sessions) - 1
-        start = min(start + max_journeys, by_sessions, len(sizes))
+        start = min(start + max_journeys, by_sessions, journeys)
         cuts.append(start)
     return cuts
 
@@ -86,13 +93,16 @@ def pack_batches(
         .unnest("run")
         .rename({"len": "sessions", "value": "id"})
     )
-    if runs.height != runs["id"].n_unique():
+    # Runs of a frame sorted by conversion_id have distinct ids; only another order
+    # needs the (dearer) count of distinct ids.
+    ids = runs["id"]
+    if not ids.is_sorted() and runs.height != ids.n_unique():
         raise ValueError("journeys must be sorted by conversion_id: a conversion's rows are split")
-    long = runs.filter(pl.col("sessions") > max_sessions)
     truncated: list[str] = []
     failed = pl.DataFrame(schema=FAILED_SCHEMA)
     sessions = journeys
-    if long.height:
+    if runs["sessions"].max() > max_sessions:
+        long = runs.filter(pl.col("sessions") > max_sessions)
         if long_journey_policy == "keep_recent":
             truncated = long["id"].to_list()
             # Rows are in time order within a journey: keep the last max_sessions.
@@ -113,8 +123,14 @@ def pack_batches(
                 ~pl.col("conversion_id").is_in(failed["conversion_id"].implode())
             )
             runs = runs.filter(pl.col("sessions") <= max_sessions)
-    sizes = runs["sessions"].clip(upper_bound=max_sessions).to_list()
-    cuts = cut_points(sizes, max_journeys, max_sessions)
-    row_offsets = [0, *accumulate(sizes)]
+    sizes = runs["sessions"].clip(upper_bound=max_sessions)
+    row_offsets = [0, *sizes.cum_sum().to_list()]
+    cuts = _cuts(row_offsets, max_journeys, max_sessions)
     bounds = [(row_offsets[a], row_offsets[b]) for a, b in pairwise(cuts)]
-    return PackResult(sessions=sessions, bounds=bounds, truncated=truncated, failed=failed)
+    return PackResult(
+        sessions=sessions,
+        bounds=bounds,
+        journeys=len(sizes),
+        truncated=truncated,
+        failed=failed,
+    )

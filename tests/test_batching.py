@@ -122,6 +122,11 @@ def test_rows_of_one_conversion_apart_are_refused() -> None:
     unsorted = journeys_of([2, 2]).sort("position")
     with pytest.raises(ValueError, match="sorted by conversion_id"):
         pack_batches(unsorted, 10, 100, "keep_recent")
+    # Grouped by conversion in another order (another collation, say): whole journeys.
+    grouped = journeys_of([2, 3, 1]).sort("conversion_id", "position", descending=[True, False])
+    packed = pack_batches(grouped, 2, 100, "keep_recent")
+    assert packed.bounds == [(0, 4), (4, 6)]
+    assert packed.journeys == 3
 
 
 def test_no_journeys_give_no_batches() -> None:

@@ -210,6 +210,8 @@ def test_the_api_client_does_not_grow_over_repeated_faulty_runs(
             assert outcome.stats.retries > 0 and outcome.failed.height > 0
             assert outcome.results["conversion_id"].n_unique() + outcome.failed.height == 1940
             del outcome
+            # The run keeps the GC off older objects while it lasts, and only then.
+            assert gc.get_freeze_count() == 0
             gc.collect()
             traced.append(tracemalloc.get_traced_memory()[0])
             resident.append(rss_kib())
