@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import hashlib
 import io
@@ -229,17 +228,23 @@ def _redact(text: str, secret: str) -> str:
 
 
 def wire_sessions(sessions: pl.DataFrame) -> pl.DataFrame:
-    """The session fields the API expects, typed as it wants them on the wire."""
-    timestamp = pl.col("timestamp")
-    zone = getattr(sessions.schema["timestamp"], "time_zone", None)
-    if zone is not None:
+    """The session fields the API expects, typed as it wants them on the wire.
+
+    Column by column (Series operations run on the calling thread): a ``select``
+    spreads the columns over polars' pool, whose threads then spin — 0.85 ms of CPU for
+    5,500 rows instead of 0.57 ms, taken from the cores the event loop and the server use.
+    """
+    timestamp = sessions["timestamp"]
+    if getattr(timestamp.dtype, "time_zone", None) is not None:
         timestamp = timestamp.dt.convert_time_zone("UTC")
-    return sessions.select(
-        pl.col("conversion_id").cast(pl.String),
-        pl.col("session_id").cast(pl.String),
-        timestamp.dt.strftime("%Y-%m-%d %H:%M:%S"),
-        pl.col("channel_label").cast(pl.String),
-        *(pl.col(name).cast(pl.Int64) for name in FLAG_COLUMNS),
+    return pl.DataFrame(
+        [
+            sessions["conversion_id"].cast(pl.String),
+            sessions["session_id"].cast(pl.String),
+            timestamp.dt.strftime("%Y-%m-%d %H:%M:%S"),
+            sessions["channel_label"].cast(pl.String),
+            *(sessions[name].cast(pl.Int64) for name in FLAG_COLUMNS),
+        ]
     )
 
 
@@ -349,6 +354,10 @@ class _Checked:
     in_order: bool = False
 
 
+# Far above the rounding of a running sum over a check round's rows (< 1e-9).
+_SUM_MARGIN = 1e-7
+
+
 def checked_in_order(sent: pl.DataFrame, answers: dict[int, Answer]) -> _Checked | None:
     """The common case, in a few vectorised steps; ``None`` when it is not the case.
 
@@ -366,14 +375,19 @@ def checked_in_order(sent: pl.DataFrame, answers: dict[int, Answer]) -> _Checked
         and results["session_id"].equals(sent["session_id"], check_names=False)
     ):
         return None
-    ihc = pl.col("ihc")
-    # A conversion's rows are consecutive (sent order), so runs of conversion_id are
-    # its rows.
-    total = ihc.sum().over(pl.col("conversion_id").rle_id())
-    invalid = (ihc.is_null() | ihc.is_nan() | (ihc < 0) | (ihc > 1)).any() | (
-        (total - 1).abs() > SUM_TOLERANCE
-    ).any()
-    if results.select(invalid).item():
+    # Series operations: no query plan to set up, and (mostly) no pool to wake for a
+    # few thousand rows.
+    ihc = results["ihc"]
+    if ihc.null_count() or ihc.is_nan().any() or ihc.min() < 0 or ihc.max() > 1:
+        return None
+    # A conversion's rows are consecutive (sent order): its sum is the difference of
+    # the running sum at its last row and at the last row before it. That differs from
+    # a plain sum by far less than _SUM_MARGIN; sums closer than that to the tolerance
+    # go to the full check, which decides them as it always does.
+    ids = results["conversion_id"]
+    running = ihc.cum_sum().filter(ids.ne_missing(ids.shift(-1)))
+    sums = running - running.shift(1, fill_value=0.0)
+    if ((sums - 1).abs() > SUM_TOLERANCE - _SUM_MARGIN).any():
         return None
     return _Checked(
         results.hstack(sent.select("_row")),
@@ -503,6 +517,14 @@ class _Request:
     content: bytes = b""
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """Made while the first wave is out: the later rows' wire form, the sent pairs."""
+
+    wire_rest: pl.DataFrame
+    pairs: pl.DataFrame
+
+
 class _Run:
     """The state of one attribution run, shared by its workers and its checker.
 
@@ -538,7 +560,7 @@ class _Run:
         first_rows = packed.bounds[self._wave - 1][1] if packed else 0
         self._wire_head = wire_sessions(packed.sessions.slice(0, first_rows))
         self._waves: dict[int, asyncio.Future[dict[int, tuple[bytes, str]]]] = {}
-        self._pairs: asyncio.Future[pl.DataFrame] | None = None
+        self._prepared: asyncio.Future[_Prepared] | None = None
         query = urlencode({"conv_type_id": settings.conv_type_id})
         # Parsed once, not on every request.
         self.url = httpx.URL(f"{settings.base_url}{ENDPOINT}?{query}")
@@ -603,25 +625,29 @@ class _Run:
                 self.sending_done()
 
     def prepare(self) -> None:
-        """Start making, in threads, the second wave's requests and the sent pairs."""
-        self._make_wave(0)
-        if self._pairs is None:
-            sessions = self.packed.sessions
-            # Every sent (conversion_id, session_id) with its row number.
-            self._pairs = asyncio.get_running_loop().run_in_executor(
-                _THREADS,
-                functools.partial(
-                    sessions.select,
-                    pl.col("conversion_id").cast(pl.String),
-                    pl.col("session_id").cast(pl.String),
-                    _row=pl.int_range(pl.len(), dtype=pl.Int64),
-                ),
-            )
+        """Start making, in a thread, what the requests after the first wave and the
+        checker need: their wire form and the sent pairs."""
+        if self._prepared is None:
+            self._prepared = asyncio.get_running_loop().run_in_executor(_THREADS, self._prepare)
 
-    async def _sent_pairs(self) -> pl.DataFrame:
+    def _prepare(self) -> _Prepared:
+        sessions = self.packed.sessions
+        return _Prepared(
+            wire_rest=wire_sessions(sessions.slice(self._wire_head.height)),
+            # Every sent (conversion_id, session_id) with its row number.
+            pairs=pl.DataFrame(
+                [
+                    sessions["conversion_id"].cast(pl.String),
+                    sessions["session_id"].cast(pl.String),
+                    pl.Series("_row", range(sessions.height), pl.Int64),
+                ]
+            ),
+        )
+
+    async def _ready(self) -> _Prepared:
         self.prepare()
-        assert self._pairs is not None
-        return await asyncio.shield(self._pairs)
+        assert self._prepared is not None
+        return await asyncio.shield(self._prepared)
 
     def _make_wave(self, wave: int) -> None:
         """Start making the requests of the ``wave``-th wave after the first, if any."""
@@ -629,28 +655,35 @@ class _Run:
         if wave in self._waves or first >= len(self.packed):
             return
         last = min(first + self._wave, len(self.packed))
-        self._waves[wave] = asyncio.get_running_loop().run_in_executor(
-            _THREADS, self._requests, first, last
-        )
 
-    def _requests(self, first: int, last: int) -> dict[int, tuple[bytes, str]]:
-        """(body, cache key) of batches ``first`` to ``last`` (excluded), by batch."""
+        async def make() -> dict[int, tuple[bytes, str]]:
+            wire = (await self._ready()).wire_rest
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(_THREADS, self._requests, wire, first, last)
+
+        self._waves[wave] = asyncio.ensure_future(make())
+
+    def _requests(self, wire: pl.DataFrame, first: int, last: int) -> dict[int, tuple[bytes, str]]:
+        """(body, cache key) of batches ``first`` to ``last`` (excluded) by batch, from the
+        wire form of the rows after the first wave."""
         bounds = self.packed.bounds
-        offset = bounds[first][0]
-        wire = wire_sessions(self.packed.sessions.slice(offset, bounds[last - 1][1] - offset))
-        made = {}
-        for index in range(first, last):
-            start, end = bounds[index]
-            body = request_body(wire.slice(start - offset, end - start), self.redistribution)
-            made[index] = (body, cache_key(self.settings, body))
-        return made
+        offset = self._wire_head.height
+        return {
+            index: self._made(wire.slice(start - offset, end - start))
+            for index in range(first, last)
+            for start, end in [bounds[index]]
+        }
+
+    def _made(self, wire: pl.DataFrame) -> tuple[bytes, str]:
+        """A batch's request body and its cache key (only with a cache: else unused)."""
+        body = request_body(wire, self.redistribution)
+        return body, cache_key(self.settings, body) if self.cache is not None else ""
 
     async def _request(self, index: int) -> tuple[bytes, str]:
         """The body of batch ``index``'s request and its cache key."""
         if index < self._wave:
             start, end = self.packed.bounds[index]
-            body = request_body(self._wire_head.slice(start, end - start), self.redistribution)
-            return body, cache_key(self.settings, body)
+            return self._made(self._wire_head.slice(start, end - start))
         wave = index // self._wave - 1
         self._make_wave(wave)
         self._make_wave(wave + 1)
@@ -711,7 +744,7 @@ class _Run:
             self.stats.cache_hits += 1
             self.results.append(
                 cached.join(
-                    self._sent(await self._sent_pairs(), [index]),
+                    self._sent((await self._ready()).pairs, [index]),
                     on=["conversion_id", "session_id"],
                     how="left",
                 )
@@ -834,7 +867,7 @@ class _Run:
             if not self._answers:
                 continue
             taken, self._answers = self._answers, {}
-            pairs = await self._sent_pairs()
+            pairs = (await self._ready()).pairs
             checked, unreadable = await asyncio.get_running_loop().run_in_executor(
                 _THREADS,
                 self._check,
