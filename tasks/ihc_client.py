@@ -83,6 +83,10 @@ PROGRESS_ARTIFACT_KEY = "ihc-api-progress"
 # answers): kept for the process, as a pool of each run's own would add its start-up
 # and shut-down to the run's time.
 _THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ihc-api")
+# Requests are made ahead of the workers for up to this many sessions (about 20 MB of
+# JSON), in a thread: a run of ~20,000 conversions has them all made while its first
+# requests are out, when the event loop has little else to do.
+LOOKAHEAD_SESSIONS = 100_000
 # Answers arriving within this time are validated together.
 CHECK_ROUND_S = 0.05
 RESULT_SCHEMA = pl.Schema(
@@ -559,7 +563,8 @@ class _Run:
         self._wave = min(settings.concurrency, len(packed))
         first_rows = packed.bounds[self._wave - 1][1] if packed else 0
         self._wire_head = wire_sessions(packed.sessions.slice(0, first_rows))
-        self._waves: dict[int, asyncio.Future[dict[int, tuple[bytes, str]]]] = {}
+        # The waves of requests after the first, in order, as they are made.
+        self._waves: list[asyncio.Future[dict[int, tuple[bytes, str]]]] = []
         self._prepared: asyncio.Future[_Prepared] | None = None
         query = urlencode({"conv_type_id": settings.conv_type_id})
         # Parsed once, not on every request.
@@ -629,6 +634,8 @@ class _Run:
         checker need: their wire form and the sent pairs."""
         if self._prepared is None:
             self._prepared = asyncio.get_running_loop().run_in_executor(_THREADS, self._prepare)
+            if self._wave < len(self.packed):
+                self._make_ahead(self._wave)
 
     def _prepare(self) -> _Prepared:
         sessions = self.packed.sessions
@@ -649,19 +656,22 @@ class _Run:
         assert self._prepared is not None
         return await asyncio.shield(self._prepared)
 
-    def _make_wave(self, wave: int) -> None:
-        """Start making the requests of the ``wave``-th wave after the first, if any."""
-        first = self._wave * (wave + 1)
-        if wave in self._waves or first >= len(self.packed):
-            return
-        last = min(first + self._wave, len(self.packed))
+    def _make_ahead(self, index: int) -> None:
+        """Start making the waves of requests up to ``LOOKAHEAD_SESSIONS`` past batch
+        ``index``'s start, the wave of ``index`` at least."""
+        bounds = self.packed.bounds
+        limit = bounds[index][0] + LOOKAHEAD_SESSIONS
+        while (first := self._wave * (len(self._waves) + 1)) < len(bounds) and (
+            bounds[first][0] <= limit
+        ):
+            last = min(first + self._wave, len(bounds))
+            self._waves.append(asyncio.ensure_future(self._make_wave(first, last)))
 
-        async def make() -> dict[int, tuple[bytes, str]]:
-            wire = (await self._ready()).wire_rest
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(_THREADS, self._requests, wire, first, last)
-
-        self._waves[wave] = asyncio.ensure_future(make())
+    async def _make_wave(self, first: int, last: int) -> dict[int, tuple[bytes, str]]:
+        """The requests of batches ``first`` to ``last`` (excluded), made in a thread."""
+        wire = (await self._ready()).wire_rest
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_THREADS, self._requests, wire, first, last)
 
     def _requests(self, wire: pl.DataFrame, first: int, last: int) -> dict[int, tuple[bytes, str]]:
         """(body, cache key) of batches ``first`` to ``last`` (excluded) by batch, from the
@@ -684,10 +694,8 @@ class _Run:
         if index < self._wave:
             start, end = self.packed.bounds[index]
             return self._made(self._wire_head.slice(start, end - start))
-        wave = index // self._wave - 1
-        self._make_wave(wave)
-        self._make_wave(wave + 1)
-        return (await asyncio.shield(self._waves[wave])).pop(index)
+        self._make_ahead(index)
+        return (await asyncio.shield(self._waves[index // self._wave - 1])).pop(index)
 
     def _sent(self, pairs: pl.DataFrame, indexes: Collection[int]) -> pl.DataFrame:
         """The (conversion_id, session_id) pairs of these batches, with their ``_row``."""

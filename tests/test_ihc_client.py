@@ -75,9 +75,13 @@ def local_results(journeys: pl.DataFrame, redistribution=None) -> pl.DataFrame:
     return compute_ihc(journeys, LocalModelSettings(), redistribution)
 
 
+# Requests after the first wave are made ahead in a thread: all at once (a small run),
+# or a wave at a time as the workers get to them (a run larger than the look-ahead).
+@pytest.mark.parametrize("lookahead", [100_000, 1], ids=["all-ahead", "wave-by-wave"])
 def test_results_equal_the_servers_model_session_by_session(
-    ihc_server: Server, ihc_api_key: str, make_journeys
+    ihc_server: Server, ihc_api_key: str, make_journeys, lookahead: int, monkeypatch
 ) -> None:
+    monkeypatch.setattr("tasks.ihc_client.LOOKAHEAD_SESSIONS", lookahead)
     server = ihc_server()
     journeys = make_journeys(sizes(60), shared=True)
     settings = api_settings(
