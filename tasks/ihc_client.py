@@ -538,7 +538,7 @@ class _Run:
     does little more than HTTP. An answer that cannot be read goes back to the workers
     to be asked for again; so a worker with nothing left to send closes its connection
     and waits for the answers not read yet before it stops. The requests after the
-    first wave are made in a thread as well, a wave ahead of the workers.
+    first wave are made in a thread as well, ahead of the workers (``LOOKAHEAD_SESSIONS``).
     """
 
     def __init__(
@@ -559,7 +559,7 @@ class _Run:
         self.log = log
         self.started = started
         # The requests of the first wave of batches are made by the workers as they go;
-        # the later ones in a thread, a wave at a time, one wave ahead of the workers.
+        # the later ones in a thread, a wave at a time, ahead of the workers.
         self._wave = min(settings.concurrency, len(packed))
         first_rows = packed.bounds[self._wave - 1][1] if packed else 0
         self._wire_head = wire_sessions(packed.sessions.slice(0, first_rows))
