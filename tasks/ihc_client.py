@@ -370,14 +370,8 @@ def checked_in_order(sent: pl.DataFrame, answers: dict[int, Answer]) -> _Checked
     valid. ``sent`` as for ``check_answers``; its ``_batch`` is not needed. About
     0.5 ms for 16 answers of 100 journeys, against 1.7 ms for the full check.
     """
-    if any(answer.failures for answer in answers.values()):
-        return None
     results = pl.concat([answer.results for answer in answers.values()], rechunk=False)
-    if not (
-        results.height == sent.height
-        and results["conversion_id"].equals(sent["conversion_id"], check_names=False)
-        and results["session_id"].equals(sent["session_id"], check_names=False)
-    ):
+    if not _aligned(sent, answers, results):
         return None
     # Series operations: no query plan to set up, and (mostly) no pool to wake for a
     # few thousand rows.
@@ -402,6 +396,17 @@ def checked_in_order(sent: pl.DataFrame, answers: dict[int, Answer]) -> _Checked
     )
 
 
+def _aligned(sent: pl.DataFrame, answers: dict[int, Answer], results: pl.DataFrame) -> bool:
+    """Whether ``results`` (the answers' rows, concatenated) hold exactly the sent pairs
+    in the sent order, with no partial failures."""
+    return (
+        not any(answer.failures for answer in answers.values())
+        and results.height == sent.height
+        and results["conversion_id"].equals(sent["conversion_id"], check_names=False)
+        and results["session_id"].equals(sent["session_id"], check_names=False)
+    )
+
+
 def check_answers(sent: pl.DataFrame, answers: dict[int, Answer]) -> _Checked:
     """Validate the answers of several batches in one vectorised pass.
 
@@ -410,21 +415,17 @@ def check_answers(sent: pl.DataFrame, answers: dict[int, Answer]) -> _Checked:
     conversion sits in one batch only. ``good`` keeps ``_row``, so the run's results
     are put in order by a sort rather than a join.
     """
-    checked = checked_in_order(sent, answers)
-    if checked is not None:
-        return checked
+    return checked_in_order(sent, answers) or _check_fully(sent, answers)
+
+
+def _check_fully(sent: pl.DataFrame, answers: dict[int, Answer]) -> _Checked:
+    """``check_answers`` when ``checked_in_order`` did not settle it."""
     results = pl.concat([answer.results for answer in answers.values()])
     sent_pairs = sent.lazy()
     batch_of = sent_pairs.select("conversion_id", "_batch").unique("conversion_id")
     # Answers holding the sent pairs in the sent order, with invalid values: only the
     # values need checking, and each result row's place is that of its sent row.
-    aligned = (
-        not any(answer.failures for answer in answers.values())
-        and results.height == sent.height
-        and results["conversion_id"].equals(sent["conversion_id"], check_names=False)
-        and results["session_id"].equals(sent["session_id"], check_names=False)
-    )
-    if aligned:
+    if _aligned(sent, answers, results):
         partial = pl.LazyFrame(schema=FAILED_SCHEMA)
         ours = results.lazy()
         invalid = invalid_results(sent_pairs, ours, aligned=True)
@@ -731,7 +732,7 @@ class _Run:
         batch = pl.Series("_batch", list(answers), pl.Int64).repeat_by(
             pl.Series(lengths, dtype=pl.UInt32)
         )
-        return check_answers(sent.insert_column(2, batch.explode()), answers), unreadable
+        return _check_fully(sent.insert_column(2, batch.explode()), answers), unreadable
 
     def _conversions(self, index: int) -> pl.DataFrame:
         start, end = self.packed.bounds[index]
