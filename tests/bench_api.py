@@ -19,9 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +34,7 @@ from config.settings import ApiSettings
 from tasks.batching import pack_batches
 from tasks.ihc_client import ENDPOINT, attribute_journeys, request_body, wire_sessions
 from tasks.ihc_server import ServerConfig, run_server
+from tests.helpers import ihc_server_process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "bench-key"
@@ -67,40 +66,9 @@ def synthetic_journeys(conversions: int = 20_000, seed: int = 7) -> pl.DataFrame
 
 
 @contextlib.contextmanager
-def _server_process(latency_ms: float) -> Iterator[str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tasks.ihc_server",
-            "--port",
-            "0",
-            "--api-key",
-            BENCH_KEY,
-            "--latency-ms",
-            str(latency_ms),
-        ],
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if "http://" not in line:
-            raise RuntimeError(f"IHC server did not start: {line!r}")
-        yield line.strip().rsplit(" ", 1)[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-@contextlib.contextmanager
 def _server(latency_ms: float, mode: Literal["process", "thread"]) -> Iterator[str]:
     if mode == "process":
-        with _server_process(latency_ms) as url:
+        with ihc_server_process(BENCH_KEY, "--latency-ms", str(latency_ms)) as url:
             yield url
     else:
         with run_server(ServerConfig(api_key=BENCH_KEY, latency_ms=latency_ms)) as handle:

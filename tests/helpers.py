@@ -1,14 +1,19 @@
-"""Hand-built challenge databases with known answers."""
+"""Hand-built challenge databases with known answers; the IHC server in its own process."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tasks.db import create_table_statements
 
-ORIGINAL_SCHEMA = Path(__file__).resolve().parent.parent / "data" / "challenge_db_create.sql"
+ROOT = Path(__file__).resolve().parent.parent
+ORIGINAL_SCHEMA = ROOT / "data" / "challenge_db_create.sql"
 
 Session = tuple[str, str, str, str, str, int, int, int]
 Conversion = tuple[str, str, str, str, float]
@@ -67,3 +72,26 @@ def table_rows(path: Path, table: str) -> list[tuple]:
         return con.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
     finally:
         con.close()
+
+
+@contextlib.contextmanager
+def ihc_server_process(api_key: str, *options: str) -> Iterator[str]:
+    """``python -m tasks.ihc_server`` with these options on a free port, in its own
+    process (its CPU and memory are not this process's); yields its base URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tasks.ihc_server", "--port=0", "--api-key", api_key, *options],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("IHC server listening on "):
+            raise RuntimeError(f"IHC server did not start: {line!r}")
+        yield line.split()[-1]
+    finally:
+        process.kill()
+        process.wait(timeout=30)

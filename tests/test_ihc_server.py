@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +17,7 @@ from config.settings import LocalModelSettings, RedistributionParameter
 from tasks.ihc_client import request_body, wire_sessions
 from tasks.ihc_server import ServerHandle
 from tasks.local_model import compute_ihc
+from tests.helpers import ihc_server_process
 
 ENDPOINT = "/v1/compute_ihc?conv_type_id=shop"
 REDISTRIBUTION = RedistributionParameter.model_validate(
@@ -276,29 +274,14 @@ def test_latency_does_not_block_other_requests(
 
 
 def test_runs_from_the_command_line(ihc_api_key: str, make_journeys) -> None:
-    root = Path(__file__).resolve().parent.parent
-    command = [sys.executable, "-m", "tasks.ihc_server", "--port", "0", "--api-key", ihc_api_key]
-    process = subprocess.Popen(
-        [*command, "--latency-ms", "30"],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        url = line.strip().rsplit(" ", 1)[-1]
+    with ihc_server_process(ihc_api_key, "--latency-ms", "30") as url:
         assert url.startswith("http://127.0.0.1:")
         with httpx.Client(headers={"x-api-key": ihc_api_key}) as client:
             for n in range(10):
                 body = body_of(make_journeys([3], prefix=f"cli{n}"))
                 assert client.post(url + ENDPOINT, content=body).status_code == 200
         stats = httpx.get(url + "/_stats").json()
-        assert stats["requests"] == 10
-        # Responses leave on time: not before the latency, and (its timers being precise
-        # to well under a millisecond) not half a millisecond after it either.
-        assert 30 <= stats["response_ms_p50"] < 30.5, stats
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    assert stats["requests"] == 10
+    # Responses leave on time: not before the latency, and (its timers being precise
+    # to well under a millisecond) not half a millisecond after it either.
+    assert 30 <= stats["response_ms_p50"] < 30.5, stats

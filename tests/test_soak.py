@@ -8,8 +8,6 @@ import csv
 import gc
 import logging
 import shutil
-import subprocess
-import sys
 import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -26,8 +24,8 @@ from tasks.journeys import build_journeys
 from tasks.local_model import compute_ihc
 from tasks.sample_data import generate_sample_database
 from tasks.sources import read_journey_inputs
-from tests.helpers import table_rows
-from tests.pipeline_process import ROOT, pipeline_env, run_pipeline, summary_counts
+from tests.helpers import ihc_server_process, table_rows
+from tests.pipeline_process import pipeline_env, run_pipeline, summary_counts
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -162,22 +160,8 @@ def faulty_server_process(tmp_path: Path, ihc_api_key: str) -> Iterator[str]:
     """The IHC server with the soak's faults in its own process, so its growing request
     log is not counted in this process's memory. Yields its base URL."""
     flags = [f"--{name.replace('_', '-')}={rate}" for name, rate in FAULTS.items()]
-    command = [sys.executable, "-m", "tasks.ihc_server", "--port=0", "--api-key", ihc_api_key]
-    server = subprocess.Popen(
-        [*command, "--seed=3", "--retry-after=0", *flags],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert line.startswith("IHC server listening on "), line
-        yield line.split()[-1]
-    finally:
-        server.kill()
-        server.wait(timeout=30)
+    with ihc_server_process(ihc_api_key, "--seed=3", "--retry-after=0", *flags) as url:
+        yield url
 
 
 def rss_kib() -> int:
