@@ -47,6 +47,8 @@ import logging
 import os
 import random
 import ssl
+import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
@@ -67,6 +69,7 @@ from pydantic import SecretStr, ValidationError
 from config.settings import ApiSettings, SettingsError
 from tasks.attribution import SUM_TOLERANCE, invalid_results, rows_frame
 from tasks.batching import FAILED_SCHEMA, PackResult, pack_batches
+from tasks.ihc_transport import asyncio_transport, proxied
 
 if TYPE_CHECKING:
     from prefect.results import ResultStore
@@ -79,10 +82,30 @@ API_URL_ENV = "IHC_API_URL"
 CONV_TYPE_ENV = "IHC_CONV_TYPE_ID"
 SECRET_BLOCK = "ihc-api-key"
 PROGRESS_ARTIFACT_KEY = "ihc-api-progress"
-# Threads for what runs do off their event loop (making requests, reading and checking
-# answers): kept for the process, as a pool of each run's own would add its start-up
-# and shut-down to the run's time.
-_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ihc-api")
+# How much lower than the event loop's the priority of the thread that makes requests
+# ahead is (a nice value, Linux): it works while the first requests are out, and at
+# equal priority it took the cores from the event loop and the server just then.
+MAKER_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    # On Linux a thread has its own nice value; elsewhere the thread keeps its priority.
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(
+                os.PRIO_PROCESS,
+                threading.get_native_id(),
+                os.getpriority(os.PRIO_PROCESS, 0) + MAKER_NICENESS,
+            )
+
+
+# Threads for what runs do off their event loop: kept for the process, as a pool of
+# each run's own would add its start-up and shut-down to the run's time. One reads and
+# checks answers; one makes requests ahead, at a lower priority.
+_THREADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ihc-api")
+_MAKER = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="ihc-api-maker", initializer=_lower_priority
+)
 # Requests are made ahead of the workers for up to this many sessions (about 20 MB of
 # JSON), in a thread: a run of ~20,000 conversions has them all made while its first
 # requests are out, when the event loop has little else to do.
@@ -634,7 +657,7 @@ class _Run:
         """Start making, in a thread, what the requests after the first wave and the
         checker need: their wire form and the sent pairs."""
         if self._prepared is None:
-            self._prepared = asyncio.get_running_loop().run_in_executor(_THREADS, self._prepare)
+            self._prepared = asyncio.get_running_loop().run_in_executor(_MAKER, self._prepare)
             if self._wave < len(self.packed):
                 self._make_ahead(self._wave)
 
@@ -672,7 +695,7 @@ class _Run:
         """The requests of batches ``first`` to ``last`` (excluded), made in a thread."""
         wire = (await self._ready()).wire_rest
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_THREADS, self._requests, wire, first, last)
+        return await loop.run_in_executor(_MAKER, self._requests, wire, first, last)
 
     def _requests(self, wire: pl.DataFrame, first: int, last: int) -> dict[int, tuple[bytes, str]]:
         """(body, cache key) of batches ``first`` to ``last`` (excluded) by batch, from the
@@ -831,7 +854,10 @@ class _Run:
                 "timeout", f"timed out after {self.settings.timeout_s:g} s ({type(exc).__name__})"
             ) from None
         except httpx.RequestError as exc:
-            reason = f"connection error ({type(exc).__name__})"
+            # What the connection said (a refused port, an untrusted certificate, …):
+            # about the socket, never the request's headers.
+            detail = str(exc)[:200]
+            reason = f"connection error ({type(exc).__name__}{': ' + detail if detail else ''})"
             raise _Retryable("connection_error", reason) from None
         status = response.status_code
         self.stats.statuses[status] += 1
@@ -1071,17 +1097,22 @@ async def attribute_journeys_async(
         # CPU per request at C = 16, measured). They share one TLS context; plain http (a
         # local server) needs none, and loading the CA bundle would cost more than the
         # first requests.
-        tls: ssl.SSLContext | bool = (
-            httpx.create_ssl_context() if settings.base_url.startswith("https://") else False
+        tls: ssl.SSLContext | None = (
+            httpx.create_ssl_context() if settings.base_url.startswith("https://") else None
         )
         headers = {"x-api-key": run.api_key.get_secret_value(), "content-type": "application/json"}
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        # Plain asyncio sockets under httpx (``tasks.ihc_transport``), unless a proxy from
+        # the environment is to be used: then httpx's own transport, which honours it.
+        stock = proxied(settings.base_url)
 
         def connect() -> httpx.AsyncClient:
             return httpx.AsyncClient(
-                verify=tls,
+                verify=tls or False,
                 headers=headers,
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                limits=limits,
                 timeout=httpx.Timeout(settings.timeout_s),
+                transport=None if stock else asyncio_transport(tls, limits),
             )
 
         # The last worker to stop tells the checker, which then checks what is left.

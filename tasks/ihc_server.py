@@ -49,6 +49,7 @@ import hashlib
 import logging
 import random
 import selectors
+import ssl
 import sys
 import threading
 import time
@@ -110,6 +111,8 @@ class ServerConfig:
     # How long a "timeout" fault holds the request before closing without an answer.
     timeout_hold_s: float = 30.0
     script: tuple[str, ...] = ()
+    # Serve https with this context (tests of the client over TLS); plain http without.
+    tls: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         unknown = [kind for kind in self.script if kind not in FAULTS]
@@ -736,7 +739,12 @@ async def serve(
     server = _Server(config, stats)
     model_task = asyncio.create_task(server.model.run())
     listener = await asyncio.start_server(
-        server.handle_connection, config.host, config.port, limit=1024 * 1024, backlog=1024
+        server.handle_connection,
+        config.host,
+        config.port,
+        limit=1024 * 1024,
+        backlog=1024,
+        ssl=config.tls,
     )
     port = listener.sockets[0].getsockname()[1]
     if on_ready is not None:
@@ -777,7 +785,8 @@ def run_server(config: ServerConfig) -> Iterator[ServerHandle]:
     started.wait(timeout=30)
     if failure or "port" not in ready:
         raise RuntimeError(f"IHC test server did not start: {failure[:1]}")
-    handle = ServerHandle(f"http://{config.host}:{ready['port']}", stats, stop, thread)
+    scheme = "https" if config.tls else "http"
+    handle = ServerHandle(f"{scheme}://{config.host}:{ready['port']}", stats, stop, thread)
     try:
         yield handle
     finally:
@@ -794,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=8765, help="0 = any free port")
     for item in fields(ServerConfig):
-        if item.name in ("api_key", "host", "port", "model", "script"):
+        if item.name in ("api_key", "host", "port", "model", "script", "tls"):
             continue
         flag = "--" + item.name.replace("_", "-")
         default = getattr(defaults, item.name)
