@@ -3,8 +3,9 @@
 ``attribute_journeys`` packs the journeys into requests (``tasks.batching``), sends
 them with ``api.concurrency`` workers, each with one keep-alive connection (so at
 most that many requests are in flight; the workers start spread over
-``api.ramp_up_s``), reads and validates the answers in a thread while the workers go
-on sending, and handles every status of the contract (``shared/spec/ihc-api.md``):
+``api.ramp_up_s``; httpx on asyncio sockets, ``tasks.ihc_transport``), reads and
+validates the answers in a thread while the workers go on sending, and handles every
+status of the contract (``shared/spec/ihc-api.md``):
 
 - 200 / 206: the results are validated per conversion — every returned
   (conversion_id, session_id) was sent, every sent session came back once, each ihc
