@@ -92,7 +92,8 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend on the running asyncio event loop."""
+    """httpcore's network backend on the running asyncio event loop (TCP: the pool that
+    ``asyncio_transport`` builds has no Unix socket to connect to)."""
 
     async def connect_tcp(
         self,
@@ -115,23 +116,6 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         except OSError as exc:
             raise httpcore.ConnectError(str(exc)) from exc
         # asyncio sets TCP_NODELAY itself, as httpx's default backend does.
-        for option in socket_options or ():
-            writer.get_extra_info("socket").setsockopt(*option)
-        return AsyncioStream(reader, writer)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path, limit=READ_BUFFER_BYTES)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(str(exc)) from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
         for option in socket_options or ():
             writer.get_extra_info("socket").setsockopt(*option)
         return AsyncioStream(reader, writer)
