@@ -360,6 +360,23 @@ def test_answers_are_checked_the_same_in_any_row_order(make_journeys) -> None:
     assert_frame_equal(
         good, expected.filter(pl.col("conversion_id").is_in(["conv-00001", "conv-00003"]))
     )
+    # Values outside [0, 1] or not a number fail their conversion even when they sum to 1.
+    assert (
+        expected["conversion_id"][:8].to_list()
+        == ["conv-00000"] * 3 + ["conv-00001"] + ["conv-00002"] * 4
+    )
+    for rows, values, reason in (
+        (slice(0, 3), [1.5, -0.25, -0.25], "ihc outside [0, 1]"),
+        (slice(4, 8), [float("nan"), 0.5, 0.25, 0.25], "ihc missing or not a number"),
+    ):
+        ihc = expected["ihc"].to_list()
+        ihc[rows] = values
+        strange = expected.with_columns(ihc=pl.Series(ihc))
+        broken = strange["conversion_id"][rows.start]
+        for results in (strange, strange.reverse()):
+            good, failed = check(results)
+            assert failed == {broken: reason}
+            assert_frame_equal(good, expected.filter(pl.col("conversion_id") != broken))
 
 
 def test_timeouts_dropped_connections_and_unreadable_bodies_are_retried(

@@ -1,20 +1,25 @@
-"""The IHC client's transport: httpx on asyncio sockets — over TLS, and a proxy honoured."""
+"""The IHC client's transport: HTTP/1.1 as servers speak it, TLS, and a proxy honoured."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import gzip
 import ipaddress
+import re
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from polars.testing import assert_frame_equal
 
 from config.settings import ApiSettings, LocalModelSettings
 from tasks.ihc_client import attribute_journeys
 from tasks.ihc_server import ServerHandle
-from tasks.ihc_transport import proxied
+from tasks.ihc_transport import ConnectionTransport, proxied
 from tasks.local_model import compute_ihc
 
 Server = Callable[..., ServerHandle]
@@ -133,3 +138,154 @@ def test_a_proxy_from_the_environment_is_used(
     exempt = attribute_journeys(journeys, _settings(url), ihc_api_key)
     assert exempt.failed.height == 4
     assert server.stats.requests == 1
+
+
+# ---- the HTTP/1.1 exchange, against a server that answers from a script ----------------
+
+
+@dataclass
+class Seen:
+    """A request as the scripted server read it off the socket."""
+
+    connection: int
+    head: bytes
+    body: bytes
+
+
+async def _scripted_exchanges(
+    script: list[bytes | tuple[bytes, str]],
+    requests: int,
+    *,
+    pause_s: float = 0.0,
+    timeout_s: float = 2.0,
+) -> tuple[list[httpx.Response | Exception], list[Seen]]:
+    """Send ``requests`` POSTs through one ``ConnectionTransport`` to a server that
+    answers the n-th request it reads with ``script[n]`` (bytes; with ``"close"``: then
+    closes the connection; with ``"cut"``: closes it at once, mid-answer).
+
+    Returns each request's response (read) or the exception it raised, and what the
+    server read.
+    """
+    seen: list[Seen] = []
+    connections = 0
+
+    handlers: list[asyncio.Task[None]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        connections += 1
+        number = connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+                seen.append(Seen(number, head, await reader.readexactly(length)))
+                item = script[len(seen) - 1]
+                answer, then = (item, "") if isinstance(item, bytes) else item
+                writer.write(answer)
+                await writer.drain()
+                if then:
+                    if then == "cut":
+                        writer.transport.abort()
+                    return
+        except asyncio.IncompleteReadError:
+            return
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    outcomes: list[httpx.Response | Exception] = []
+    async with (
+        server,
+        httpx.AsyncClient(transport=ConnectionTransport(), timeout=timeout_s) as client,
+    ):
+        for number in range(requests):
+            try:
+                outcomes.append(
+                    await client.post(
+                        f"http://127.0.0.1:{port}/v1/compute_ihc?conv_type_id=t",
+                        content=b'{"n":%d}' % number,
+                        headers={"x-api-key": "k"},
+                    )
+                )
+            except httpx.HTTPError as exc:
+                outcomes.append(exc)
+            await asyncio.sleep(pause_s)
+        await client.aclose()
+        # Every connection is closed: the server's handlers see it and end.
+        await asyncio.wait_for(asyncio.gather(*handlers), 2)
+    return outcomes, seen
+
+
+def _ok(body: bytes, *headers: str) -> bytes:
+    lines = ["HTTP/1.1 200 OK", f"content-length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def test_requests_go_out_as_http_1_1_on_one_kept_alive_connection() -> None:
+    outcomes, seen = asyncio.run(_scripted_exchanges([_ok(b'{"a":1}'), _ok(b'{"a":2}')], 2))
+    assert [response.json() for response in outcomes] == [{"a": 1}, {"a": 2}]  # type: ignore[union-attr]
+    assert [request.connection for request in seen] == [1, 1]
+    first = seen[0].head.decode().split("\r\n")
+    assert first[0] == "POST /v1/compute_ihc?conv_type_id=t HTTP/1.1"
+    fields = {line.lower() for line in first[1:]}
+    assert {"x-api-key: k", "content-length: 7"} <= fields
+    assert any(field.startswith("host: 127.0.0.1:") for field in fields)
+    assert [request.body for request in seen] == [b'{"n":0}', b'{"n":1}']
+
+
+def test_chunked_gzip_and_interim_answers_are_read() -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b'5;ext=1\r\n{"a":\r\n3\r\n[1]\r\n1\r\n}\r\n0\r\ntrailer: x\r\n\r\n'
+    )
+    packed = gzip.compress(b'{"b":2}')
+    zipped = _ok(packed, "content-encoding: gzip")
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" + _ok(b'{"c":3}')
+    outcomes, seen = asyncio.run(_scripted_exchanges([chunked, zipped, interim], 3))
+    assert [response.json() for response in outcomes] == [{"a": [1]}, {"b": 2}, {"c": 3}]  # type: ignore[union-attr]
+    assert [request.connection for request in seen] == [1, 1, 1]
+
+
+def test_a_connection_the_server_ends_is_not_used_again() -> None:
+    script: list[bytes | tuple[bytes, str]] = [
+        _ok(b"1", "connection: close"),  # said (and left open: the client closes it)
+        (b"HTTP/1.0 200 OK\r\n\r\n2", "close"),  # a body up to the close
+        (_ok(b"3"), "close"),  # closed while idle, without a word
+        _ok(b"4"),
+    ]
+    outcomes, seen = asyncio.run(_scripted_exchanges(script, 4, pause_s=0.05))
+    assert [response.content for response in outcomes] == [b"1", b"2", b"3", b"4"]  # type: ignore[union-attr]
+    assert [request.connection for request in seen] == [1, 2, 3, 4]
+
+
+def test_broken_answers_raise_httpx_errors_and_the_next_request_reconnects() -> None:
+    script: list[bytes | tuple[bytes, str]] = [
+        (b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"cut', "cut"),
+        b"SMTP ready\r\n\r\n",
+        _ok(b"3", "content-length: 4"),
+        _ok(b"4"),
+    ]
+    outcomes, seen = asyncio.run(_scripted_exchanges(script, 4))
+    assert isinstance(outcomes[0], httpx.RemoteProtocolError)
+    assert "disconnected" in str(outcomes[0])
+    assert isinstance(outcomes[1], httpx.RemoteProtocolError)
+    assert "status line" in str(outcomes[1])
+    assert isinstance(outcomes[2], httpx.RemoteProtocolError)
+    assert "content-length" in str(outcomes[2])
+    assert outcomes[3].content == b"4"  # type: ignore[union-attr]
+    assert [request.connection for request in seen] == [1, 2, 3, 4]
+
+
+def test_an_answer_that_does_not_come_times_out() -> None:
+    # The head promises more body than comes: the read times out, the connection is dropped.
+    script: list[bytes | tuple[bytes, str]] = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345",
+        _ok(b"2"),
+    ]
+    outcomes, seen = asyncio.run(_scripted_exchanges(script, 2, timeout_s=0.2))
+    assert isinstance(outcomes[0], httpx.ReadTimeout)
+    assert outcomes[1].content == b"2"  # type: ignore[union-attr]
+    assert [request.connection for request in seen] == [1, 2]
