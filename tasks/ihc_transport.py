@@ -1,14 +1,15 @@
 """The IHC client's httpx transport: one keep-alive HTTP/1.1 connection per worker.
 
 httpx's default transport sends through httpcore: a connection pool, the h11 protocol
-state machine and anyio, all in Python, about 0.8 ms of event-loop CPU per request of
-the API's size. The client keeps C connections busy at once, each with one request at a
-time, so it needs none of the pool and little of h11: ``ConnectionTransport`` writes
-the request and reads the response itself on an asyncio stream — status line,
-headers, and the body by ``content-length``, chunked transfer coding or up to the
-close (RFC 9112 §6.3) — in about 0.35 ms. Everything above the transport stays
-httpx's: the ``AsyncClient``, its timeouts and exceptions, content decoding (gzip,
-…), the ``Response``.
+state machine and anyio, all in Python. The client keeps C connections busy, each with
+one request at a time, so it needs none of the pool and little of h11:
+``ConnectionTransport`` writes the request and reads the response itself on an asyncio
+stream — status line, headers, and the body by ``content-length``, chunked transfer
+coding or up to the close (RFC 9112 §6.3). Measured with requests of the API's size,
+the event loop's CPU per request (``AsyncClient`` included) falls from 0.8 ms (httpcore
+on asyncio sockets; 0.95 ms with httpx's stock transport) to 0.5 ms. Everything above
+the transport stays httpx's: the ``AsyncClient``, its timeouts and exceptions, content
+decoding (gzip, …), the ``Response``.
 
 A proxy from the environment (``HTTPS_PROXY`` …) is honoured as httpx honours it: with
 one in effect for the API's URL the client keeps httpx's stock transport.

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import random
 import sys
 import time
@@ -154,6 +155,11 @@ def run_api_benchmark(
                     "requests_per_s": round(rate, 1),
                     "ideal_per_s": round(ideal, 1),
                     "pct_of_ideal": round(100 * rate / ideal, 1),
+                    # A client that cost nothing, against a server answering in exactly L:
+                    # the requests go out in ceil(requests / C) rounds of L each.
+                    "ceiling_pct_of_ideal": round(
+                        100 * requests / (math.ceil(requests / concurrency) * concurrency), 1
+                    ),
                     "conversions_per_s": round(outcome.stats.conversions_sent / elapsed, 1),
                     # Client CPU per request, all threads, and the event loop's alone.
                     "client_cpu_ms_per_request": round(1000 * cpu / requests, 2),
