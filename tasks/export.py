@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -50,12 +53,22 @@ def read_channel_report(
     ).sort("channel_name", "date")
 
 
+# A temporary file this old is a killed writer's, not one still being written.
+STALE_TEMPORARY_S = 3600
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``.
 
-    A crash leaves the previous file or the new one, never a truncated one.
+    A crash leaves the previous file or the new one, never a truncated one; the
+    temporary files that crashed writers left behind are removed once they are stale.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    stale = time.time() - STALE_TEMPORARY_S
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if leftover.stat().st_mtime < stale:
+                leftover.unlink()
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     tmp = Path(tmp_name)

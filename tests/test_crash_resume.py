@@ -6,6 +6,7 @@ that was already received.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import sqlite3
@@ -21,7 +22,7 @@ import pytest
 from polars.testing import assert_frame_equal
 from prefect.results import ResultRecord
 
-from tasks.export import REPORT_CSV, REPORT_PARQUET, export_report
+from tasks.export import REPORT_CSV, REPORT_PARQUET, STALE_TEMPORARY_S, export_report
 from tasks.ihc_server import ServerHandle
 from tasks.sample_data import generate_sample_database
 from tests.pipeline_process import (
@@ -396,6 +397,16 @@ def test_a_kill_during_export_leaves_the_previous_report_or_the_new_one(
         REPORT_CSV,
         REPORT_PARQUET,
     }
+    # The next export removes them once they are stale, and leaves a recent one (a
+    # writer still at work) alone.
+    an_hour_ago = time.time() - STALE_TEMPORARY_S - 1
+    for leftover in leftovers:
+        os.utime(leftover, (an_hour_ago, an_hour_ago))
+    at_work = out / ".channel_reporting.csv.at-work.tmp"
+    at_work.write_bytes(b"channel_name")
+    export_report(two_reports["frames"]["new"], out)
+    assert temporary_files(out) == [at_work]
+    assert report_version(out, two_reports) == "new"
 
 
 def test_the_check_above_does_catch_a_half_written_file(tmp_path: Path, two_reports: dict) -> None:
