@@ -12,7 +12,7 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.db import connect, sql
+from tasks.db import DatabaseError, connect, sql
 from tasks.sources import SourceSnapshot
 
 RELATIVE_TOLERANCE = 1e-9
@@ -144,10 +144,15 @@ def write_results(
                 con.execute("COMMIT")
             else:
                 con.execute("ROLLBACK")
-        except BaseException:
+        except BaseException as exc:
             # A failed COMMIT has ended the transaction already: report its error, not ROLLBACK's.
             with contextlib.suppress(duckdb.TransactionException):
                 con.execute("ROLLBACK")
+            if isinstance(exc, duckdb.Error) and "database is locked" in str(exc):
+                raise DatabaseError(
+                    f"cannot write to {db_path}: another program holds it in a transaction "
+                    "(SQLite: database is locked); nothing was written, run again when it is done"
+                ) from exc
             raise
         return WriteOutcome(
             rows_deleted=int(deleted),

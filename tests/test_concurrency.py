@@ -150,9 +150,12 @@ def test_a_reader_holding_the_database_fails_the_commit_cleanly_and_the_rerun_co
         assert output_tables(db) == {"attribution_customer_journey": [], "channel_reporting": []}
     finally:
         reader.close()
-    assert blocked.returncode == 1
+    assert blocked.returncode == 2
     last = blocked.output.strip().splitlines()[-1]
-    assert last.startswith("attribution: ") and last.endswith("database is locked"), last
+    assert last == (
+        f"attribution: cannot write to {db}: another program holds it in a transaction "
+        "(SQLite: database is locked); nothing was written, run again when it is done"
+    ), last
     assert elapsed < 60
 
     rerun = run_pipeline(args, env, tmp_path / "rerun.log")
