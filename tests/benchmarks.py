@@ -72,7 +72,7 @@ def run_flow(scale: float, workdir: Path) -> dict[str, Any]:
     return {"flow_run_s": seconds, "flow_peak_memory_mb": _peak_mb()}
 
 
-def run_scale(scale: float, workdir: Path, api: bool) -> dict[str, Any]:
+def run_scale(scale: float, workdir: Path, api: bool, api_repeat: int = 1) -> dict[str, Any]:
     """Every stage once at ``scale``; runs inside a child process of its own."""
     from config.settings import LocalModelSettings, load_settings
     from tasks.attribution import attribute_locally
@@ -133,7 +133,7 @@ def run_scale(scale: float, workdir: Path, api: bool) -> dict[str, Any]:
     if api:
         from tests.bench_api import run_api_benchmark
 
-        figures["api"] = run_api_benchmark(journeys)
+        figures["api"] = run_api_benchmark(journeys, repeat=api_repeat)
     return figures
 
 
@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also attribute through the local IHC server at C = 1, 4, 16 (on the largest scale)",
     )
+    parser.add_argument(
+        "--api-repeat",
+        type=int,
+        default=1,
+        help="runs per concurrency with --api; the median is reported",
+    )
     parser.add_argument("--child", choices=["generate", "stages", "flow"], help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(generate(args.scale, args.workdir)))
         return 0
     if args.child == "stages":
-        print(json.dumps(run_scale(args.scale, args.workdir, args.api)))
+        print(json.dumps(run_scale(args.scale, args.workdir, args.api, args.api_repeat)))
         return 0
     if args.child == "flow":
         print(json.dumps(run_flow(args.scale, args.workdir)))
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     tmp,
                 ]
                 if child == "stages" and args.api and scale == max(args.scales):
-                    command.append("--api")
+                    command += ["--api", "--api-repeat", str(args.api_repeat)]
                 result = subprocess.run(command, capture_output=True, text=True, check=False)
                 if result.returncode != 0:
                     print(result.stderr, file=sys.stderr)
