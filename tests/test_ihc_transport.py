@@ -7,12 +7,17 @@ import datetime as dt
 import gzip
 import ipaddress
 import re
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
+import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -289,3 +294,56 @@ def test_an_answer_that_does_not_come_times_out() -> None:
     assert isinstance(outcomes[0], httpx.ReadTimeout)
     assert outcomes[1].content == b"2"  # type: ignore[union-attr]
     assert [request.connection for request in seen] == [1, 2]
+
+
+def test_the_client_attributes_through_uvicorn_with_chunked_answers(
+    make_journeys, no_proxy_environment: None
+) -> None:
+    """Another server's HTTP (uvicorn on h11, which Prefect ships): answers streamed in
+    chunks, connections kept alive as uvicorn keeps them; results equal the local model."""
+    uvicorn = pytest.importorskip("uvicorn")
+    connections: set[tuple[str, int]] = set()
+    requests = 0
+
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        nonlocal requests
+        assert scope["type"] == "http" and scope["query_string"] == b"conv_type_id=default"
+        requests += 1
+        connections.add(tuple(scope["client"]))
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        sessions = pl.DataFrame(orjson.loads(body)["customer_journeys"]).with_columns(
+            pl.col("timestamp").str.to_datetime("%Y-%m-%d %H:%M:%S")
+        )
+        value = compute_ihc(sessions, LocalModelSettings()).write_json().encode()
+        answer = b'{"statusCode":200,"value":%s,"partialFailureErrors":[]}' % value
+        # No content-length: uvicorn sends the answer with chunked transfer coding.
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (answer[: len(answer) // 2], answer[len(answer) // 2 :]):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        journeys = make_journeys([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+        outcome = attribute_journeys(journeys, _settings(url, concurrency=2), "any-key")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
+    assert outcome.failed.height == 0
+    assert_frame_equal(outcome.results, compute_ihc(journeys, LocalModelSettings()))
+    assert requests == outcome.stats.requests == 3
+    assert len(connections) == 2  # one kept-alive connection per worker
