@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--server", choices=["process", "thread"], default="process")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs per concurrency; the median is reported"
+        "--repeat", type=int, default=3, help="runs per concurrency; the median is reported"
     )
     args = parser.parse_args(argv)
     journeys = synthetic_journeys(args.conversions)

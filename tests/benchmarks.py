@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--api-repeat",
         type=int,
-        default=1,
+        default=3,
         help="runs per concurrency with --api; the median is reported",
     )
     parser.add_argument("--child", choices=["generate", "stages", "flow"], help=argparse.SUPPRESS)
