@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -37,7 +36,6 @@ from tasks.ihc_client import ENDPOINT, attribute_journeys, request_body, wire_se
 from tasks.ihc_server import ServerConfig, run_server
 from tests.helpers import ihc_server_process
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "bench-key"
 CHANNELS = ["Direct Traffic", "Paid Search Brand", "SEO", "Email", "Display", "Social Paid"]
 

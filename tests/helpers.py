@@ -10,9 +10,9 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from config.settings import PROJECT_ROOT as ROOT
 from tasks.db import create_table_statements
 
-ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_SCHEMA = ROOT / "data" / "challenge_db_create.sql"
 
 Session = tuple[str, str, str, str, str, int, int, int]

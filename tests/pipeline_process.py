@@ -17,9 +17,8 @@ from pathlib import Path
 
 import prefect.settings
 
-from tests.helpers import table_rows
+from tests.helpers import ROOT, table_rows
 
-ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_TABLES = ("attribution_customer_journey", "channel_reporting")
 RUN_TIMEOUT_S = 180.0
 
