@@ -119,6 +119,32 @@ class SampleDataSettings(_Section):
     seed: int = 42
 
 
+ModelName = Literal[
+    "last_touch", "first_touch", "linear", "position", "time_decay", "markov", "shapley", "ihc"
+]
+MODEL_NAMES: tuple[ModelName, ...] = (
+    "last_touch", "first_touch", "linear", "position", "time_decay", "markov", "shapley", "ihc",
+)  # fmt: skip
+
+
+class ModelsSettings(_Section):
+    """The attribution models compared side by side (``shared/spec/models.md``)."""
+
+    enabled: bool = True
+    include: list[ModelName] = Field(default_factory=lambda: list(MODEL_NAMES), min_length=1)
+    markov_orders: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    time_decay_half_life_days: float = Field(7.0, gt=0)
+    bootstrap_resamples: int = Field(200, ge=0, le=10_000)
+    bootstrap_seed: int = 42
+
+    @field_validator("markov_orders")
+    @classmethod
+    def _orders(cls, value: list[int]) -> list[int]:
+        if any(order < 1 or order > 4 for order in value):
+            raise ValueError("Markov orders must be between 1 and 4")
+        return sorted(set(value))
+
+
 class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     output: OutputSettings = OutputSettings()
@@ -128,6 +154,7 @@ class Settings(_Section):
     local_model: LocalModelSettings = LocalModelSettings()
     quality: QualitySettings = QualitySettings()
     sample_data: SampleDataSettings = SampleDataSettings()
+    models: ModelsSettings = ModelsSettings()
 
     def resolved(self, base: Path = PROJECT_ROOT) -> Settings:
         """The same settings with relative paths anchored at ``base``."""
