@@ -1,37 +1,73 @@
-"""One typed settings model, loaded from YAML and the environment, validated up front."""
+"""One typed settings model, loaded from YAML and the environment, validated up front.
+
+pydantic-settings merges, lowest first: ``config/config.yaml`` (or ``--config``), the
+``ATTRIBUTION_<SECTION>__<KEY>`` variables, ``IHC_API_URL`` / ``IHC_CONV_TYPE_ID``, and
+the run's parameters. The API key is not a setting: ``config.secrets`` reads it.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+from pydantic_settings import (
+    SettingsError as SettingsSourceError,
+)
+
+from config.errors import SettingsError
+
+logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "config.yaml"
 ENV_PREFIX = "ATTRIBUTION_"
-
-
-class SettingsError(ValueError):
-    """Settings that cannot be used; the message names the offending key."""
+API_URL_ENV = "IHC_API_URL"
+CONV_TYPE_ENV = "IHC_CONV_TYPE_ID"
+# The YAML file of the ``load_settings`` call under way (pydantic-settings builds its
+# sources inside the model's constructor, which takes no file argument).
+_CONFIG_FILE: ContextVar[Path] = ContextVar("config_file", default=DEFAULT_CONFIG_PATH)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# A relative path in the settings is relative to the project root, wherever the run starts.
+ProjectPath = Annotated[
+    Path, AfterValidator(lambda path: path if path.is_absolute() else PROJECT_ROOT / path)
+]
 
 
 class DatabaseSettings(_Section):
-    path: Path = Path("data/challenge.db")
-    schema_path: Path = Path("data/challenge_db_create.sql")
+    path: ProjectPath = Path("data/challenge.db")
+    schema_path: ProjectPath = Path("data/challenge_db_create.sql")
     lock_timeout_s: float = Field(0.0, ge=0)
     memory_limit: str = Field("1GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 
 
 class OutputSettings(_Section):
-    dir: Path = Path("output")
+    dir: ProjectPath = Path("output")
 
 
 class JourneySettings(_Section):
@@ -66,7 +102,6 @@ class ApiSettings(_Section):
     max_sessions_per_request: int = Field(3000, gt=0, le=3000)
     long_journey_policy: Literal["keep_recent", "fail"] = "keep_recent"
     concurrency: int = Field(4, gt=0, le=256)
-    ramp_up_s: float = Field(0.03, ge=0)
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(5, ge=0)
     backoff_base_s: float = Field(0.5, ge=0)
@@ -122,9 +157,7 @@ class SampleDataSettings(_Section):
 ModelName = Literal[
     "last_touch", "first_touch", "linear", "position", "time_decay", "markov", "shapley", "ihc"
 ]
-MODEL_NAMES: tuple[ModelName, ...] = (
-    "last_touch", "first_touch", "linear", "position", "time_decay", "markov", "shapley", "ihc",
-)  # fmt: skip
+MODEL_NAMES: tuple[ModelName, ...] = get_args(ModelName)
 
 
 class ModelsSettings(_Section):
@@ -145,7 +178,15 @@ class ModelsSettings(_Section):
         return sorted(set(value))
 
 
-class Settings(_Section):
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_parse_none_str="null",
+        extra="forbid",
+        frozen=True,
+    )
+
     database: DatabaseSettings = DatabaseSettings()
     output: OutputSettings = OutputSettings()
     journeys: JourneySettings = JourneySettings()
@@ -156,63 +197,36 @@ class Settings(_Section):
     sample_data: SampleDataSettings = SampleDataSettings()
     models: ModelsSettings = ModelsSettings()
 
-    def resolved(self, base: Path = PROJECT_ROOT) -> Settings:
-        """The same settings with relative paths anchored at ``base``."""
-
-        def anchor(path: Path) -> Path:
-            return path if path.is_absolute() else base / path
-
-        return self.model_copy(
-            update={
-                "database": self.database.model_copy(
-                    update={
-                        "path": anchor(self.database.path),
-                        "schema_path": anchor(self.database.schema_path),
-                    }
-                ),
-                "output": self.output.model_copy(update={"dir": anchor(self.output.dir)}),
-            }
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _IhcVariables(settings_cls),
+            env_settings,
+            YamlConfigSettingsSource(settings_cls, yaml_file=_CONFIG_FILE.get()),
         )
 
 
-def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
-    node = tree
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = {}
-            node[key] = child
-        node = child
-    node[keys[-1]] = value
+class _IhcVariables(PydanticBaseSettingsSource):
+    """``IHC_API_URL`` and ``IHC_CONV_TYPE_ID``, the names the IHC service's own examples use."""
 
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """ATTRIBUTION_<SECTION>__<KEY>[__<SUBKEY>] values, parsed as YAML scalars."""
-    overrides: dict[str, Any] = {}
-    for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-        if len(keys) < 2 or not all(keys):
-            raise SettingsError(
-                f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>"
-            )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"environment variable {name}: not a valid value ({exc})") from exc
-        _set_path(overrides, keys, value)
-    return overrides
-
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    def __call__(self) -> dict[str, Any]:
+        api = {
+            key: os.environ[name].strip()
+            for name, key in ((API_URL_ENV, "base_url"), (CONV_TYPE_ENV, "conv_type_id"))
+            if os.environ.get(name, "").strip()
+        }
+        return {"api": api} if api else {}
 
 
 def _describe(error: ValidationError) -> str:
@@ -226,30 +240,45 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_settings(
-    config_path: Path | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Settings:
-    """Defaults from YAML, then ``ATTRIBUTION_*`` variables, then explicit overrides.
+def _check_variable_names() -> None:
+    """pydantic-settings ignores ATTRIBUTION_ variables that name no section: refuse them."""
+    sections = {name.upper() for name in Settings.model_fields}
+    for name in sorted(os.environ):
+        if name.startswith(ENV_PREFIX):
+            section, _, key = name[len(ENV_PREFIX) :].partition("__")
+            if section not in sections or not key:
+                raise SettingsError(
+                    f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY> "
+                    f"with a section of {', '.join(sorted(sections))}"
+                )
 
-    Relative paths are resolved against the project root. Raises ``SettingsError``
+
+def load_settings(
+    config_path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Defaults from YAML, then ``ATTRIBUTION_*`` variables, then ``IHC_API_URL`` /
+    ``IHC_CONV_TYPE_ID``, then explicit ``overrides`` (run parameters).
+
+    Relative paths are anchored at the project root. Raises ``SettingsError``
     naming every key that is unknown or has a wrong value.
     """
     path = Path(config_path) if config_path is not None else DEFAULT_CONFIG_PATH
     if not path.is_file():
         raise SettingsError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise SettingsError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(loaded, dict):
+    if not isinstance(loaded, dict | None):
         raise SettingsError(f"config file {path} must hold a mapping of sections")
-    data = _merge(loaded, _env_overrides(os.environ if environ is None else environ))
-    if overrides:
-        data = _merge(data, overrides)
+    _check_variable_names()
+    token = _CONFIG_FILE.set(path)
     try:
-        settings = Settings.model_validate(data)
+        settings = Settings(**(overrides or {}))
     except ValidationError as exc:
         raise SettingsError(f"invalid settings: {_describe(exc)}") from None
-    return settings.resolved()
+    except SettingsSourceError as exc:
+        raise SettingsError(f"invalid settings: {exc}") from None
+    finally:
+        _CONFIG_FILE.reset(token)
+    return settings

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -13,6 +14,9 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+
+from config.errors import ParameterError
+from config.settings import Settings, load_settings
 
 Provider = Literal["auto", "local", "api"]
 
@@ -29,10 +33,6 @@ IsoDate = Annotated[
     date, WithJsonSchema({"type": "string", "format": "date", "pattern": _ISO_DATE_PATTERN})
 ]
 WindowDays = Annotated[int, Field(ge=1, le=3660)]
-
-
-class ParameterError(ValueError):
-    """Run parameters that cannot be used; the message names the parameter."""
 
 
 class RunParameters(BaseModel):
@@ -68,6 +68,17 @@ class RunParameters(BaseModel):
             return self.start_date, self.end_date
         today = today or datetime.now(UTC).date()
         return today - timedelta(days=self.window_days), today - timedelta(days=1)
+
+    def settings(self) -> Settings:
+        """The settings with this run's ``db_path``, ``output_dir`` and ``provider`` applied."""
+        overrides: dict[str, Any] = {}
+        if self.db_path:
+            overrides["database"] = {"path": self.db_path}
+        if self.output_dir:
+            overrides["output"] = {"dir": self.output_dir}
+        if self.provider:
+            overrides["attribution"] = {"provider": self.provider}
+        return load_settings(Path(self.config_path) if self.config_path else None, overrides)
 
 
 def parse_parameters(**values: object) -> RunParameters:

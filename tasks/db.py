@@ -15,8 +15,11 @@ from pathlib import Path
 
 import duckdb
 import duckdb_extension_sqlite_scanner
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from config.errors import DatabaseError, RunLockedError
+from config.settings import Settings
 
 SOURCE_ALIAS = "src"
 SQL_DIR = Path(__file__).parent / "sql"
@@ -41,14 +44,6 @@ OUTPUT_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-class DatabaseError(RuntimeError):
-    """The database cannot be used as it is; the message says what is wrong."""
-
-
-class RunLockedError(DatabaseError):
-    """Another run holds the database."""
 
 
 @cache
@@ -224,6 +219,31 @@ def create_table_statements(schema_path: Path) -> dict[str, str]:
         if match:
             statements[match.group(1).lower()] = statement.strip()
     return statements
+
+
+def ensure_database(settings: Settings, *, explicit: bool) -> bool:
+    """Create sample data when the configured database is missing; True if it did.
+
+    A path given explicitly (``--db``, the ``db_path`` parameter) must exist: a typo
+    there should fail, not quietly produce a report on synthetic data.
+    """
+    db = settings.database.path
+    if db.exists():
+        return False
+    if explicit:
+        raise DatabaseError(f"database file not found: {db} (no sample data is made for it)")
+    from tasks.sample_data import generate_sample_database
+
+    sample = settings.sample_data
+    get_run_logger().warning(
+        "No database at %s: generating SYNTHETIC sample data (scale %s, seed %s). "
+        "The report below is NOT based on real data.",
+        db,
+        sample.scale,
+        sample.seed,
+    )
+    generate_sample_database(db, scale=sample.scale, seed=sample.seed)
+    return True
 
 
 @task(name="prepare-database", cache_policy=NO_CACHE)

@@ -8,7 +8,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import polars as pl
@@ -23,10 +22,8 @@ QUARANTINE_CSV = "quarantine.csv"
 FAILED_CSV = "failed_conversions.csv"
 
 
-def read_channel_report(
-    db_path: Path, start_date: date | None = None, end_date: date | None = None
-) -> pl.DataFrame:
-    """channel_reporting rows whose date lies in the range, with ``cpo`` and ``roas``.
+def read_channel_report(db_path: Path) -> pl.DataFrame:
+    """The whole channel_reporting table with ``cpo`` and ``roas``.
 
     cpo = cost / ihc and roas = ihc_revenue / cost; NULL where the denominator is 0.
     """
@@ -43,10 +40,6 @@ def read_channel_report(
         pl.col("date").str.to_date("%Y-%m-%d"),
         pl.col("cost", "ihc", "ihc_revenue").cast(pl.Float64),
     )
-    if start_date is not None:
-        frame = frame.filter(pl.col("date") >= start_date)
-    if end_date is not None:
-        frame = frame.filter(pl.col("date") <= end_date)
     return frame.with_columns(
         cpo=pl.when(pl.col("ihc") != 0).then(pl.col("cost") / pl.col("ihc")),
         roas=pl.when(pl.col("cost") != 0).then(pl.col("ihc_revenue") / pl.col("cost")),
@@ -101,7 +94,9 @@ def write_side_file(frame: pl.DataFrame, path: Path) -> Path | None:
 
 @task(name="export-channel-report", cache_policy=NO_CACHE)
 def export_report_task(
-    db_path: Path, output_dir: Path, start_date: date | None, end_date: date | None
-) -> tuple[pl.DataFrame, list[Path]]:
-    report = read_channel_report(db_path, start_date, end_date)
-    return report, export_report(report, output_dir)
+    db_path: Path, output_dir: Path, failed: pl.DataFrame
+) -> tuple[pl.DataFrame, list[Path | None]]:
+    """The whole report as CSV and Parquet, and the run's failed conversions (if any)."""
+    report = read_channel_report(db_path)
+    failed_file = write_side_file(failed.sort("conversion_id"), output_dir / FAILED_CSV)
+    return report, [*export_report(report, output_dir), failed_file]

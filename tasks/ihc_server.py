@@ -1,42 +1,26 @@
 """An IHC-compatible attribution server on loopback, with fault injection, for tests and benchmarks.
 
-It speaks the contract in ``shared/spec/ihc-api.md``: ``POST /v1/compute_ihc?conv_type_id=…``
-with the ``x-api-key`` header (missing → 401, wrong → 403), the journey and session
-limits enforced with 400, journeys it cannot read reported in ``partialFailureErrors``
-(statusCode 406) with HTTP 206 while the rest are answered, and results from the
-local model (``tasks.local_model.compute_ihc``) with the request's
-``redistribution_parameter``.
-
-Run it with ``python -m tasks.ihc_server --port 8765 --api-key KEY [fault options]``
-(``--help`` lists them), or in-process from tests with ``run_server(ServerConfig(...))``.
+The contract of ``shared/spec/ihc-api.md`` answered by the local model, as a Starlette app
+served by uvicorn, one model call per request in a worker thread. Run it with ``python -m
+tasks.ihc_server --port 8765 --api-key KEY [fault options]``, or from tests with
+``run_server(ServerConfig(...))``.
 
 Choices where the contract is silent:
 
-- Response body: ``{"statusCode": 200|206, "value": [{conversion_id, session_id,
-  initializer, holder, closer, ihc}], "partialFailureErrors": [{"conversion_id",
-  "statusCode", "message"}]}``; the HTTP status equals ``statusCode``. Errors (4xx/5xx)
-  answer ``{"statusCode": code, "message": …}``.
-- A journey is rejected (406) when a session lacks ``session_id`` or ``channel_label``,
-  has a timestamp that is not ``%Y-%m-%d %H:%M:%S`` (optionally `` %z``), a flag
-  outside {0, 1}, repeats a ``session_id``, when the journey does not have exactly one
-  session with ``conversion = 1``, or has a session after that one. A session without
-  ``conversion_id`` cannot be assigned to a journey: the whole request gets 400.
-- ``latency_ms`` is the response-time floor: a response leaves no earlier than
-  ``latency_ms`` after its request began to arrive (its head was read); reading the
-  body and running the model happen during that time, as at a remote service.
-  Requests arriving within a quarter of the latency are attributed together (one
-  ``compute_ihc`` call per round, off the event loop, journeys keyed by request), so
-  the server's own work adds little on top; the command-line server's timers fire
-  within ~0.15 ms (a select() loop), so its responses are not late either.
-- Injected partial failures are listed with statusCode 500; injected wrong sums
-  scale a journey's ihc by 0.8. ``GET /_stats`` (outside the contract) returns the
-  counts as JSON, for benchmarks that run the server in its own process.
-
-Faults are deterministic under ``seed``: the fault of a request depends only on the
-seed, the request body and how many times that exact body was seen before, not on
-the arrival order of concurrent requests. ``script`` fixes the faults of the first
-attempts of every distinct body (``("503", "ok")``: each batch fails once, then
-succeeds); after the script, the rates apply.
+- The HTTP status equals the body's ``statusCode``; errors answer ``{"statusCode": code,
+  "message": …}``. ``GET /_stats`` returns what the server saw, as JSON.
+- A journey is answered with 406 in ``partialFailureErrors`` when a session lacks
+  ``session_id`` or ``channel_label``, has a timestamp that is not ``%Y-%m-%d %H:%M:%S``
+  (optionally `` %z``) or a flag outside {0, 1}, repeats a ``session_id``, or when the
+  journey has not exactly one session with ``conversion = 1`` or a session after it.
+- ``latency_ms`` is a floor on the response time from the request's arrival.
+- Injected partial failures are listed with statusCode 500; injected wrong sums scale a
+  journey's ihc by 0.8. "drop" closes the connection without an answer; "timeout" holds
+  it for ``timeout_hold_s`` (or until the client leaves), then closes; "malformed" sends
+  half the body.
+- Faults are deterministic under ``seed``: they depend only on the seed, the body and how
+  often that exact body was seen before. ``script`` fixes the faults of the first
+  attempts of every distinct body; after it, the rates apply.
 """
 
 from __future__ import annotations
@@ -44,44 +28,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import hashlib
 import logging
 import random
-import selectors
-import ssl
+import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import polars as pl
+import uvicorn
 from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from config.settings import LocalModelSettings, RedistributionParameter
-from tasks.attribution import rows_frame
 from tasks.local_model import INPUT_COLUMNS, compute_ihc
 
 logger = logging.getLogger(__name__)
 
 PATH = "/v1/compute_ihc"
-STATS_PATH = "/_stats"
 FAULTS = ("ok", "429", "500", "503", "malformed", "drop", "timeout")
-# The fields of one session in a request: the local model's input columns.
-SESSION_FIELDS = INPUT_COLUMNS
 FLAGS = ("holder_engagement", "closer_engagement", "impression_interaction", "conversion")
-MAX_BODY_BYTES = 64 * 1024 * 1024
 WRONG_SUM_FACTOR = 0.8
 INJECTED_MESSAGE = "journey could not be attributed (injected partial failure)"
-# A journey while requests share a model call: the request's number and its conversion_id.
-_KEY = ("_job", "conversion_id")
 
 
 @dataclass(frozen=True)
@@ -111,8 +90,6 @@ class ServerConfig:
     # How long a "timeout" fault holds the request before closing without an answer.
     timeout_hold_s: float = 30.0
     script: tuple[str, ...] = ()
-    # Serve https with this context (tests of the client over TLS); plain http without.
-    tls: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         unknown = [kind for kind in self.script if kind not in FAULTS]
@@ -127,10 +104,9 @@ class RequestRecord:
     arrived: float
     conversion_ids: list[str]
     sessions: int
-    # The HTTP status sent, or the fault without an answer: "drop", "timeout";
-    # "malformed" for a 200 whose body was cut.
+    # The HTTP status sent, or the fault: "drop", "timeout" (no answer), "malformed".
     outcome: str = "pending"
-    # When the answer was written (None without an answer).
+    # When the answer was handed to uvicorn (None without an answer).
     answered: float | None = None
 
 
@@ -139,6 +115,7 @@ class ServerStats:
     """What the server saw; read it after the requests of interest have finished."""
 
     requests: int = 0
+    # Statuses answered by the endpoint (not 404s, 405s or /_stats).
     by_status: Counter[int] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
@@ -163,12 +140,8 @@ class ServerStats:
         return [record for record in self.log if conversion_id in record.conversion_ids]
 
     def response_ms(self) -> list[float]:
-        """Time from request read to answer written, of the answered requests."""
-        return [
-            (record.answered - record.arrived) * 1000
-            for record in self.log
-            if record.answered is not None
-        ]
+        """Time from request arrival to answer, of the answered requests."""
+        return [(r.answered - r.arrived) * 1000 for r in self.log if r.answered is not None]
 
     def as_dict(self) -> dict[str, Any]:
         times = sorted(self.response_ms())
@@ -185,85 +158,32 @@ class ServerStats:
         }
 
 
-class _Reply(Exception):
-    """Answer the request now with this status and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """A request's response body and the faults injected into it."""
-
-    status: int
-    body: bytes
-    failures: dict[str, str]
-    wrong_sums: list[str]
-
-
-@dataclass
-class _Job:
-    """One request's sessions waiting for the model, with its fault draws."""
-
-    sessions: list[dict[str, Any]]
-    redistribution: RedistributionParameter | None
-    rng: random.Random
-    done: asyncio.Future[_Answer]
-
-
-def _read_sessions(jobs: list[_Job]) -> pl.DataFrame:
-    """All jobs' sessions as typed columns, with the ``_job`` number in front.
-
-    Unreadable values become null (and their journey is then rejected).
-    """
-    text = rows_frame(
-        [row for job in jobs for row in job.sessions],
-        pl.Schema(dict.fromkeys(SESSION_FIELDS, pl.String)),
+def _read_sessions(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """The sessions as typed columns; unreadable values become null (their journey fails)."""
+    # Column by column, polars turns any JSON value into text (a list or a huge integer
+    # too), where building the frame from the rows fails on some.
+    text = pl.DataFrame(
+        [
+            pl.Series(name, [row.get(name) for row in rows], pl.String, strict=False)
+            for name in INPUT_COLUMNS
+        ]
     )
-    numbers = pl.Series(
-        "_job", [number for number, job in enumerate(jobs) for _ in job.sessions], pl.Int32
-    )
-    stamp = text["timestamp"]
-    parsed = stamp.str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us")
-    if parsed.null_count() > stamp.null_count():
-        # Some carry a UTC offset (or are unreadable): those as UTC wall time.
-        zoned = (
-            stamp.str.to_datetime("%Y-%m-%d %H:%M:%S %z", strict=False, time_unit="us")
-            .dt.convert_time_zone("UTC")
-            .dt.replace_time_zone(None)
-        )
-        parsed = parsed.fill_null(zoned)
+    stamp = pl.col("timestamp").str
     return text.with_columns(
-        parsed.alias("timestamp"),
-        stamp.alias("_timestamp_text"),
+        pl.coalesce(
+            stamp.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us"),
+            stamp.to_datetime("%Y-%m-%d %H:%M:%S %z", strict=False, time_unit="us")
+            .dt.convert_time_zone("UTC")
+            .dt.replace_time_zone(None),
+        ),
+        pl.col("timestamp").alias("_timestamp_text"),
         *(pl.col(flag).cast(pl.Float64, strict=False) for flag in FLAGS),
-    ).insert_column(0, numbers)
+    )
 
 
 def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
-    """[_job, conversion_id, message] of the journeys the server cannot attribute (406)."""
-    flags_ok = pl.all_horizontal(pl.col(flag).is_in([0.0, 1.0]).fill_null(False) for flag in FLAGS)
-    present = pl.all_horizontal(
-        pl.col(name).is_not_null() for name in ("session_id", "channel_label", "timestamp")
-    )
-    conversion_ts = pl.col("timestamp").filter(pl.col("conversion") == 1).max()
-    # Cheap checks first: the messages are only built for the journeys that fail one.
-    suspects = (
-        sessions.group_by(_KEY)
-        .agg(
-            ok=(present & flags_ok).all()
-            & (pl.col("session_id").n_unique() == pl.len())
-            & ((pl.col("conversion") == 1).sum() == 1)
-            & (pl.col("timestamp") <= conversion_ts).all()
-        )
-        .filter(~pl.col("ok"))
-    )
-    if suspects.height == 0:
-        return pl.DataFrame(schema={**sessions.select(_KEY).schema, "message": pl.String})
-    bad_flag = ~flags_ok
+    """[conversion_id, message] of the journeys the server cannot attribute (406)."""
+    bad_flag = ~pl.all_horizontal(pl.col(f).is_in([0.0, 1.0]).fill_null(False) for f in FLAGS)
     row_problem = (
         pl.when(pl.col("session_id").is_null())
         .then(pl.lit("a session has no session_id"))
@@ -280,9 +200,9 @@ def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
         .when(bad_flag)
         .then(pl.format("session {}: engagement and conversion flags must be 0 or 1", "session_id"))
     )
+    conversion_ts = pl.col("timestamp").filter(pl.col("conversion") == 1).max()
     return (
-        sessions.join(suspects, on=_KEY, how="semi")
-        .group_by(_KEY, maintain_order=True)
+        sessions.group_by("conversion_id", maintain_order=True)
         .agg(
             row_problem=row_problem.drop_nulls().first(),
             duplicates=pl.col("session_id").is_duplicated().any(),
@@ -290,7 +210,7 @@ def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
             after_conversion=(pl.col("timestamp") > conversion_ts).any(),
         )
         .select(
-            *_KEY,
+            "conversion_id",
             message=pl.when(pl.col("row_problem").is_not_null())
             .then(pl.col("row_problem"))
             .when(pl.col("duplicates"))
@@ -304,415 +224,240 @@ def _journey_errors(sessions: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _injected(
-    jobs: list[_Job],
-    answered: list[tuple[int, str]],
-    rate: float,
-    skip: Collection[tuple[int, str]] = (),
-) -> list[tuple[int, str]]:
-    """(job, conversion_id) pairs drawn at ``rate``, each from its own job's random stream."""
-    if rate <= 0:
-        return []
-    return [pair for pair in answered if pair not in skip and jobs[pair[0]].rng.random() < rate]
+def _drawn(ids: list[str], rate: float, rng: random.Random, skip: list[str]) -> list[str]:
+    """The ids drawn at ``rate``; no draw is made at rate 0 or for a skipped id."""
+    return [one for one in ids if rate > 0 and one not in skip and rng.random() < rate]
 
 
-def _pairs(pairs: list[tuple[int, str]]) -> pl.DataFrame:
-    return pl.DataFrame(pairs, schema={"_job": pl.Int32, "conversion_id": pl.String}, orient="row")
+@dataclass(frozen=True)
+class _Answer:
+    """A request's status and body, and the journeys failed or mis-summed on purpose."""
+
+    status: int
+    body: bytes
+    failures: dict[str, str] = field(default_factory=dict)
+    wrong_sums: list[str] = field(default_factory=list)
 
 
-def _attribute_jobs(jobs: list[_Job], config: ServerConfig) -> list[_Answer]:
-    """The answers of several requests from one model call per redistribution parameter.
+def _answer(
+    config: ServerConfig, conv_type_id: str | None, payload: Any, rng: random.Random
+) -> _Answer:
+    """The answer to a request's body; ``HTTPException`` (400) for an invalid request."""
+    rows = _journey_rows(payload)
+    if not conv_type_id:
+        raise HTTPException(400, "query parameter conv_type_id is required")
+    if rows is None:
+        raise HTTPException(
+            400, "body must be a JSON object with a list 'customer_journeys' of objects"
+        )
+    redistribution = None
+    if parameter := payload.get("redistribution_parameter"):
+        try:
+            redistribution = RedistributionParameter.model_validate(parameter)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in exc.errors()
+            )
+            raise HTTPException(400, f"invalid redistribution_parameter: {problems}") from None
+    if any(row.get("conversion_id") is None for row in rows):
+        raise HTTPException(400, "every session needs a conversion_id")
+    journeys = len({str(row["conversion_id"]) for row in rows})
+    if journeys > config.max_journeys:
+        raise HTTPException(
+            400,
+            f"too many customer journeys in one request: {journeys} "
+            f"(at most {config.max_journeys})",
+        )
+    if len(rows) > config.max_sessions:
+        raise HTTPException(
+            400, f"too many sessions in one request: {len(rows)} (at most {config.max_sessions})"
+        )
 
-    Journeys are keyed by (job number, conversion_id), which keeps equal ids of
-    different requests apart; everything after reading the rows is vectorised over
-    all jobs.
-    """
-    sessions = _read_sessions(jobs)
+    sessions = _read_sessions(rows)
     errors = _journey_errors(sessions)
-    good = sessions.join(errors, on=_KEY, how="anti") if errors.height else sessions
-    groups: dict[str, list[int]] = {}
-    for number, job in enumerate(jobs):
-        rule = job.redistribution.model_dump_json() if job.redistribution else ""
-        groups.setdefault(rule, []).append(number)
-    results = pl.concat(
-        [
-            compute_ihc(
-                good if len(groups) == 1 else good.filter(pl.col("_job").is_in(numbers)),
-                config.model,
-                jobs[numbers[0]].redistribution,
-                by=("_job",),
-            )
-            for numbers in groups.values()
-        ]
+    good = sessions.join(errors, on="conversion_id", how="anti")
+    results = compute_ihc(good, config.model, redistribution)
+    answered = results["conversion_id"].unique(maintain_order=True).to_list()
+    injected = _drawn(answered, config.partial_failure_rate, rng, [])
+    wrong = _drawn(answered, config.wrong_sums_rate, rng, injected)
+    ihc, ids = pl.col("ihc"), pl.col("conversion_id")
+    results = results.filter(~ids.is_in(injected)).with_columns(
+        pl.when(ids.is_in(wrong)).then(ihc * WRONG_SUM_FACTOR).otherwise(ihc)
     )
-    injected: list[tuple[int, str]] = []
-    wrong: list[tuple[int, str]] = []
-    if config.partial_failure_rate > 0 or config.wrong_sums_rate > 0:
-        answered = results.select(_KEY).unique(maintain_order=True).rows()
-        injected = _injected(jobs, answered, config.partial_failure_rate)
-        wrong = _injected(jobs, answered, config.wrong_sums_rate, frozenset(injected))
-        results = (
-            results.join(_pairs(injected), on=_KEY, how="anti")
-            .join(_pairs(wrong).with_columns(_wrong=pl.lit(True)), on=_KEY, how="left")
-            .with_columns(
-                pl.when(pl.col("_wrong")).then(pl.col("ihc") * WRONG_SUM_FACTOR).otherwise("ihc")
-            )
-            .drop("_wrong")
-        )
-    failures = pl.concat(
-        [
-            errors.with_columns(statusCode=pl.lit(406, pl.Int64)),
-            _pairs(injected).with_columns(
-                message=pl.lit(INJECTED_MESSAGE), statusCode=pl.lit(500, pl.Int64)
-            ),
-        ]
-    ).select(*_KEY, "statusCode", "message")
-    rows_of = results.partition_by("_job", as_dict=True, include_key=False)
-    failed_of = failures.partition_by("_job", as_dict=True, include_key=False)
-    wrong_by_job: dict[int, list[str]] = {}
-    for number, conversion_id in wrong:
-        wrong_by_job.setdefault(number, []).append(conversion_id)
-    answers = []
-    for number in range(len(jobs)):
-        rows = rows_of.get((number,))
-        failed = failed_of.get((number,))
-        status = 206 if failed is not None else 200
-        body = b"".join(
-            (
-                b'{"statusCode":',
-                str(status).encode(),
-                b',"value":',
-                rows.write_json().encode() if rows is not None else b"[]",
-                b',"partialFailureErrors":',
-                failed.write_json().encode() if failed is not None else b"[]",
-                b"}",
-            )
-        )
-        failures_of_job = (
-            dict(failed.select("conversion_id", "message").iter_rows())
-            if failed is not None
-            else {}
-        )
-        answers.append(_Answer(status, body, failures_of_job, wrong_by_job.get(number, [])))
-    return answers
+    failures = [
+        {"conversion_id": conversion_id, "statusCode": 406, "message": message}
+        for conversion_id, message in errors.iter_rows()
+    ] + [{"conversion_id": one, "statusCode": 500, "message": INJECTED_MESSAGE} for one in injected]
+    status = 206 if failures else 200
+    body = {
+        "statusCode": status,
+        "value": orjson.Fragment(results.write_json()),
+        "partialFailureErrors": failures,
+    }
+    messages = {failure["conversion_id"]: failure["message"] for failure in failures}
+    return _Answer(status, orjson.dumps(body), messages, wrong)
 
 
-class _Model:
-    """Answers the jobs of all requests that are waiting, in one round off the event loop."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self._config = config
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-
-    async def attribute(
-        self,
-        sessions: list[dict[str, Any]],
-        redistribution: RedistributionParameter | None,
-        rng: random.Random,
-    ) -> _Answer:
-        done: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(sessions, redistribution, rng, done))
-        return await done
-
-    async def run(self) -> None:
-        # Requests wait out the latency anyway: gathering for a part of it lets one
-        # model call serve more of them.
-        window = self._config.latency_ms / 1000 / 4
-        while True:
-            jobs = [await self._queue.get()]
-            if window > 0:
-                await asyncio.sleep(window)
-            while not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            try:
-                answers = await asyncio.to_thread(_attribute_jobs, jobs, self._config)
-            except Exception as exc:
-                for job in jobs:
-                    if not job.done.done():
-                        job.done.set_exception(exc)
-                continue
-            for job, answer in zip(jobs, answers, strict=True):
-                if not job.done.done():
-                    job.done.set_result(answer)
+def _journey_rows(payload: Any) -> list[dict[str, Any]] | None:
+    rows = payload.get("customer_journeys") if isinstance(payload, dict) else None
+    if isinstance(rows, list) and all(isinstance(row, dict) for row in rows):
+        return rows
+    return None
 
 
-def _retry_after_header(value: str) -> str:
-    if value.startswith("date:"):
-        return formatdate(time.time() + float(value.removeprefix("date:")), usegmt=True)
-    return value
+def _error(status: int, message: str) -> _Answer:
+    return _Answer(status, orjson.dumps({"statusCode": status, "message": message}))
 
 
-class _Server:
+def _json(answer: _Answer, headers: dict[str, str] | None = None) -> Response:
+    return Response(answer.body, answer.status, headers, media_type="application/json")
+
+
+class _Server(uvicorn.Server):
+    """The API as a Starlette app, served by uvicorn."""
+
     def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
-        self.config = config
+        self.ihc = config  # uvicorn's own options are self.config
         self.stats = stats
-        self.model = _Model(config)
         self._attempts: Counter[str] = Counter()
-        self._connections: set[asyncio.Task[None]] = set()
+        app = Starlette(
+            routes=[
+                Route(PATH, self._compute, methods=["POST"]),
+                Route("/_stats", self._stats, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: self._http_error},
+        )
+        super().__init__(
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                lifespan="off",
+                access_log=False,
+                log_config=None,
+                log_level="warning",
+                # Longer than httpx's 5 s keep-alive expiry: the client closes idle
+                # connections first, so it never reuses one the server is closing.
+                timeout_keep_alive=60,
+            )
+        )
 
-    # ---- HTTP plumbing -------------------------------------------------------------
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # A held "timeout" request would otherwise keep the server up for timeout_hold_s.
+        for connection in list(self.server_state.connections):
+            connection.transport.abort()
+        await super().shutdown(sockets)
 
-    async def handle_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            while await self._handle_request(reader, writer):
-                pass
-        except (
-            ConnectionError,
-            ValueError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-        ):
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
+    async def _stats(self, request: Request) -> Response:
+        body = orjson.dumps(self.stats.as_dict(), option=orjson.OPT_NON_STR_KEYS)
+        return _json(_Answer(200, body))
 
-    async def close_connections(self) -> None:
-        """End every open connection (requests still held are dropped)."""
-        connections = list(self._connections)
-        for connection in connections:
-            connection.cancel()
-        await asyncio.gather(*connections, return_exceptions=True)
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _json(_error(exc.status_code, exc.detail), exc.headers)
 
-    async def _handle_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        """Serve one request; False when the connection is to be closed."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return False
-        # The latency clock starts when the request arrives: reading its body and the
-        # server's own work happen within ``latency_ms``, as at a remote service.
-        started = time.monotonic()
-        request_line, *header_lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = request_line.split(" ", 2)
-        headers = {}
-        for line in header_lines:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        if length > MAX_BODY_BYTES:
-            await self._send(writer, 413, _error_body(413, "request body too large"), close=True)
-            return False
-        body = await reader.readexactly(length) if length else b""
-        keep_alive = headers.get("connection", "").lower() != "close"
+    async def _compute(self, request: Request) -> Response:
+        arrived = time.monotonic()
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
-            return await self._respond(method, target, headers, body, started, reader, writer) and (
-                keep_alive
-            )
+            return await self._respond(request, arrived)
         finally:
             self.stats.in_flight -= 1
 
-    async def _send(
-        self,
-        writer: asyncio.StreamWriter,
-        status: int,
-        body: bytes,
-        record: RequestRecord | None = None,
-        *,
-        extra: dict[str, str] | None = None,
-        close: bool = False,
-    ) -> None:
-        self.stats.by_status[status] += 1
-        if record is not None:
-            record.outcome = str(status)
-            record.answered = time.monotonic()
-        lines = [
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-            "content-type: application/json",
-            f"content-length: {len(body)}",
-            *(f"{name}: {value}" for name, value in (extra or {}).items()),
-        ]
-        if close:
-            lines.append("connection: close")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
-
-    async def _hold_until(self, deadline: float) -> None:
-        delay = deadline - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-    # ---- the API ---------------------------------------------------------------------
-
-    async def _respond(
-        self,
-        method: str,
-        target: str,
-        headers: dict[str, str],
-        body: bytes,
-        started: float,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> bool:
-        url = urlsplit(target)
-        if url.path == STATS_PATH and method == "GET":
-            await self._send(
-                writer, 200, orjson.dumps(self.stats.as_dict(), option=orjson.OPT_NON_STR_KEYS)
-            )
-            return True
-        if url.path != PATH:
-            await self._send(writer, 404, _error_body(404, f"no such endpoint: {url.path}"))
-            return True
-        if method != "POST":
-            await self._send(writer, 405, _error_body(405, "use POST"))
-            return True
-        payload = _parse_json(body)
-        rows = _journey_rows(payload)
-        ids = (
-            []
-            if rows is None
-            else list(dict.fromkeys(str(row.get("conversion_id")) for row in rows))
-        )
-        record = RequestRecord(started, ids, 0 if rows is None else len(rows))
+    async def _respond(self, request: Request, arrived: float) -> Response:
+        body = await request.body()
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            payload = None
+        rows = _journey_rows(payload) or []
+        ids = list(dict.fromkeys(str(row.get("conversion_id")) for row in rows))
+        record = RequestRecord(arrived, ids, len(rows))
         self.stats.log.append(record)
         self.stats.requests += 1
-        key = headers.get("x-api-key")
+        key = request.headers.get("x-api-key")
         if not key:
-            await self._send(writer, 401, _error_body(401, "missing x-api-key header"), record)
-            return True
-        if key != self.config.api_key:
-            await self._send(writer, 403, _error_body(403, "invalid API key"), record)
-            return True
+            return self._send(record, _error(401, "missing x-api-key header"))
+        if key != self.ihc.api_key:
+            return self._send(record, _error(403, "invalid API key"))
 
         digest = hashlib.sha256(body).hexdigest()
         attempt = self._attempts[digest]
         self._attempts[digest] += 1
-        rng = random.Random(f"{self.config.seed}:{digest}:{attempt}")
+        rng = random.Random(f"{self.ihc.seed}:{digest}:{attempt}")
         fault = self._fault(attempt, rng)
         if fault != "ok":
             self.stats.faults[fault] += 1
-        deadline = started + self.config.latency_ms / 1000
-        if fault == "drop":
+        if fault in ("drop", "timeout"):
             record.outcome = fault
-            writer.transport.abort()
-            return False
-        if fault == "timeout":
-            record.outcome = fault
-            # Hold the request, answer nothing; stop early if the client gives up.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(reader.read(), self.config.timeout_hold_s)
-            return False
+            await self._hang_up(request, self.ihc.timeout_hold_s if fault == "timeout" else 0)
+            return Response()  # never sent: the connection is closed
         if fault in ("429", "500", "503"):
-            status = int(fault)
-            extra = None
-            if status == 429:
-                extra = {"retry-after": _retry_after_header(self.config.retry_after)}
-            message = "too many requests" if status == 429 else "injected server error"
-            await self._hold_until(deadline)
-            await self._send(writer, status, _error_body(status, message), record, extra=extra)
-            return True
+            answer = _error(
+                int(fault), "too many requests" if fault == "429" else "injected server error"
+            )
+        else:
+            answer = await self._attribute(request, payload, rng)
+        await asyncio.sleep(arrived + self.ihc.latency_ms / 1000 - time.monotonic())
+        return self._send(record, answer, fault)
 
+    async def _attribute(self, request: Request, payload: Any, rng: random.Random) -> _Answer:
+        conv_type_id = request.query_params.get("conv_type_id")
         try:
-            status, answer = await self._attribute(url.query, payload, rows, rng)
-        except _Reply as reply:
-            status, answer = reply.status, _error_body(reply.status, reply.message)
+            answer = await asyncio.to_thread(_answer, self.ihc, conv_type_id, payload, rng)
+        except HTTPException as exc:
+            return _error(exc.status_code, exc.detail)
         except Exception as exc:
             logger.exception("IHC server: request failed")
-            status, answer = 500, _error_body(500, f"internal error ({type(exc).__name__})")
-        await self._hold_until(deadline)
+            return _error(500, f"internal error ({type(exc).__name__})")
+        self.stats.partial_failures.update(answer.failures)
+        self.stats.wrong_sums.update(answer.wrong_sums)
+        return answer
+
+    def _send(self, record: RequestRecord, answer: _Answer, fault: str = "ok") -> Response:
+        self.stats.by_status[answer.status] += 1
+        record.outcome = "malformed" if fault == "malformed" else str(answer.status)
+        record.answered = time.monotonic()
         if fault == "malformed":
-            answer = answer[: max(1, len(answer) // 2)]
-        await self._send(writer, status, answer, record)
-        if fault == "malformed":
-            record.outcome = fault
-        return True
+            return _json(_Answer(answer.status, answer.body[: max(1, len(answer.body) // 2)]))
+        if fault != "429":
+            return _json(answer)
+        retry_after = self.ihc.retry_after
+        if retry_after.startswith("date:"):
+            ahead = float(retry_after.removeprefix("date:"))
+            retry_after = formatdate(time.time() + ahead, usegmt=True)
+        return _json(answer, {"retry-after": retry_after})
+
+    async def _hang_up(self, request: Request, after_s: float) -> None:
+        """Close the connection without an answer after ``after_s`` (or once the client leaves)."""
+        if after_s > 0:
+            with contextlib.suppress(TimeoutError):
+                # With the body read, receive() returns only when the client disconnects.
+                await asyncio.wait_for(request.receive(), after_s)
+        # ASGI has no way to drop a request: abort the transport of this client's connection.
+        for connection in list(self.server_state.connections):
+            if connection.client == request.scope["client"]:
+                connection.transport.abort()
+        # Return once uvicorn has seen the disconnect: it then writes nothing of the
+        # placeholder response (raising instead would make it answer 500).
+        await request.receive()
 
     def _fault(self, attempt: int, rng: random.Random) -> str:
-        config = self.config
-        if attempt < len(config.script):
-            return config.script[attempt]
+        c = self.ihc
+        if attempt < len(c.script):
+            return c.script[attempt]
+        rates = (c.rate_429, c.rate_500, c.rate_503, c.malformed_rate, c.drop_rate, c.timeout_rate)
         draw = rng.random()
-        for kind, rate in (
-            ("429", config.rate_429),
-            ("500", config.rate_500),
-            ("503", config.rate_503),
-            ("malformed", config.malformed_rate),
-            ("drop", config.drop_rate),
-            ("timeout", config.timeout_rate),
-        ):
+        for kind, rate in zip(FAULTS[1:], rates, strict=True):
             if draw < rate:
                 return kind
             draw -= rate
         return "ok"
 
-    async def _attribute(
-        self,
-        query: str,
-        payload: Any,
-        rows: list[dict[str, Any]] | None,
-        rng: random.Random,
-    ) -> tuple[int, bytes]:
-        conv_type = parse_qs(query).get("conv_type_id", [""])[0]
-        if not conv_type:
-            raise _Reply(400, "query parameter conv_type_id is required")
-        if rows is None:
-            raise _Reply(
-                400, "body must be a JSON object with a list 'customer_journeys' of objects"
-            )
-        redistribution = _redistribution(payload.get("redistribution_parameter"))
-        if any(row.get("conversion_id") is None for row in rows):
-            raise _Reply(400, "every session needs a conversion_id")
-        journeys = len({str(row["conversion_id"]) for row in rows})
-        if journeys > self.config.max_journeys:
-            raise _Reply(
-                400,
-                f"too many customer journeys in one request: {journeys} "
-                f"(at most {self.config.max_journeys})",
-            )
-        if len(rows) > self.config.max_sessions:
-            raise _Reply(
-                400,
-                f"too many sessions in one request: {len(rows)} "
-                f"(at most {self.config.max_sessions})",
-            )
-        if not rows:
-            return 200, b'{"statusCode":200,"value":[],"partialFailureErrors":[]}'
-        answer = await self.model.attribute(rows, redistribution, rng)
-        self.stats.partial_failures.update(answer.failures)
-        self.stats.wrong_sums.update(answer.wrong_sums)
-        return answer.status, answer.body
 
-
-def _error_body(status: int, message: str) -> bytes:
-    return orjson.dumps({"statusCode": status, "message": message})
-
-
-def _parse_json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _journey_rows(payload: Any) -> list[dict[str, Any]] | None:
-    if not isinstance(payload, dict):
-        return None
-    rows = payload.get("customer_journeys")
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        return None
-    return rows
-
-
-def _redistribution(value: Any) -> RedistributionParameter | None:
-    if not value:
-        return None
-    try:
-        return RedistributionParameter.model_validate(value)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in exc.errors()
-        )
-        raise _Reply(400, f"invalid redistribution_parameter: {problems}") from None
+def _url(config: ServerConfig, listener: socket.socket) -> str:
+    return f"http://{config.host}:{listener.getsockname()[1]}"
 
 
 @dataclass
@@ -721,76 +466,29 @@ class ServerHandle:
 
     url: str
     stats: ServerStats
-    _stop: threading.Event
+    _server: uvicorn.Server
     _thread: threading.Thread
 
     def stop(self) -> None:
-        self._stop.set()
+        self._server.should_exit = True
         self._thread.join(timeout=10)
-
-
-async def serve(
-    config: ServerConfig,
-    stats: ServerStats,
-    stop: threading.Event | None = None,
-    on_ready: Callable[[int], None] | None = None,
-) -> None:
-    """Serve until ``stop`` is set (forever without one); ``on_ready(port)`` once listening."""
-    server = _Server(config, stats)
-    model_task = asyncio.create_task(server.model.run())
-    listener = await asyncio.start_server(
-        server.handle_connection,
-        config.host,
-        config.port,
-        limit=1024 * 1024,
-        backlog=1024,
-        ssl=config.tls,
-    )
-    port = listener.sockets[0].getsockname()[1]
-    if on_ready is not None:
-        on_ready(port)
-    try:
-        while stop is None or not stop.is_set():
-            await asyncio.sleep(0.02)
-    finally:
-        listener.close()
-        model_task.cancel()
-        await server.close_connections()
-        await asyncio.gather(model_task, return_exceptions=True)
-        await listener.wait_closed()
 
 
 @contextlib.contextmanager
 def run_server(config: ServerConfig) -> Iterator[ServerHandle]:
     """The server in a background thread on ``config.port`` (0 = a free port) until exit."""
+    # Bound here, so the port is known at once; uvicorn serves what waits on it.
+    listener = socket.create_server((config.host, config.port))
     stats = ServerStats()
-    stop = threading.Event()
-    ready: dict[str, int] = {}
-    started = threading.Event()
-    failure: list[BaseException] = []
-
-    def ready_at(port: int) -> None:
-        ready["port"] = port
-        started.set()
-
-    def main() -> None:
-        try:
-            asyncio.run(serve(config, stats, stop, ready_at))
-        except BaseException as exc:
-            failure.append(exc)
-            started.set()
-
-    thread = threading.Thread(target=main, name="ihc-server", daemon=True)
+    server = _Server(config, stats)
+    thread = threading.Thread(target=server.run, args=([listener],), daemon=True)
     thread.start()
-    started.wait(timeout=30)
-    if failure or "port" not in ready:
-        raise RuntimeError(f"IHC test server did not start: {failure[:1]}")
-    scheme = "https" if config.tls else "http"
-    handle = ServerHandle(f"{scheme}://{config.host}:{ready['port']}", stats, stop, thread)
+    handle = ServerHandle(_url(config, listener), stats, server, thread)
     try:
         yield handle
     finally:
         handle.stop()
+        listener.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -800,14 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = ServerConfig(api_key="")
     parser.add_argument("--api-key", required=True, help="the key clients must send")
-    parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=8765, help="0 = any free port")
     for item in fields(ServerConfig):
-        if item.name in ("api_key", "host", "port", "model", "script", "tls"):
-            continue
-        flag = "--" + item.name.replace("_", "-")
         default = getattr(defaults, item.name)
-        parser.add_argument(flag, type=type(default), default=default, help=f"default {default}")
+        flag = "--" + item.name.replace("_", "-")
+        if item.name not in ("api_key", "port", "model", "script"):
+            parser.add_argument(
+                flag, type=type(default), default=default, help=f"default {default}"
+            )
     parser.add_argument(
         "--script",
         default="",
@@ -816,34 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _precise_loop() -> asyncio.AbstractEventLoop:
-    """An event loop whose timers fire within microseconds, for ``latency_ms``.
-
-    select() takes its timeout in microseconds, epoll in whole milliseconds (rounded
-    up): responses leave ~0.15 ms after ``latency_ms`` instead of ~0.6 ms. select()
-    watches file descriptors below 1,024 only: the command-line server takes about a
-    thousand connections at once, plenty for tests and benchmarks.
-    """
-    return asyncio.SelectorEventLoop(selectors.SelectSelector())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     script = tuple(kind for kind in args.pop("script").split(",") if kind)
     config = ServerConfig(**args, script=script)
+    listener = socket.create_server((config.host, config.port))
+    print(f"IHC server listening on {_url(config, listener)}", flush=True)
     stats = ServerStats()
-
-    def announce(port: int) -> None:
-        print(f"IHC server listening on http://{config.host}:{port}", flush=True)
-
-    # What is loaded now (polars, pydantic, …) lives as long as the process: keep the
-    # cyclic GC off it, else a full collection stalls every response for ~40 ms.
-    gc.freeze()
-    with (
-        contextlib.suppress(KeyboardInterrupt),
-        asyncio.Runner(loop_factory=_precise_loop) as runner,
-    ):
-        runner.run(serve(config, stats, on_ready=announce))
+    with contextlib.suppress(KeyboardInterrupt):
+        _Server(config, stats).run([listener])
     print(orjson.dumps(stats.as_dict(), option=orjson.OPT_NON_STR_KEYS).decode(), file=sys.stderr)
     return 0
 

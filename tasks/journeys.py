@@ -6,8 +6,11 @@ from dataclasses import dataclass
 from datetime import date
 
 import polars as pl
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from config.settings import JourneySettings
+from tasks.sources import SourceSnapshot
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ def build_journeys(
             "conversion",
             "event_day",
             "revenue",
+            pl.col("conv_ts").alias("conversion_timestamp"),
         )
         .collect()
         # Lazy results do not keep row order: the journey order is part of the contract.
@@ -105,18 +109,22 @@ def build_journeys(
 
 @task(name="build-customer-journeys", cache_policy=NO_CACHE)
 def build_journeys_task(
-    sessions: pl.DataFrame,
-    conversions: pl.DataFrame,
+    sources: SourceSnapshot,
     start_date: date | None,
     end_date: date | None,
-    include_equal_timestamps: bool,
-    lookback_days: int | None,
+    settings: JourneySettings,
 ) -> JourneySet:
-    return build_journeys(
-        sessions,
-        conversions,
+    journey_set = build_journeys(
+        sources.sessions,
+        sources.conversions,
         start_date=start_date,
         end_date=end_date,
-        include_equal_timestamps=include_equal_timestamps,
-        lookback_days=lookback_days,
+        include_equal_timestamps=settings.include_equal_timestamps,
+        lookback_days=settings.lookback_days,
     )
+    unattributed = journey_set.without_journey.height
+    if unattributed:
+        get_run_logger().info(
+            "%d conversion(s) have no session before them and stay unattributed", unattributed
+        )
+    return journey_set

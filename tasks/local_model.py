@@ -27,8 +27,6 @@ Choices where the spec is silent:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import polars as pl
 
 from config.settings import LocalModelSettings, RedistributionParameter, RedistributionRule
@@ -66,14 +64,14 @@ def _total(phase: str) -> str:
     return f"_total_{phase}"
 
 
-# A journey's result must not depend on the other journeys in the frame (the IHC test
-# server attributes concurrent requests together, and reruns send other batches). Polars
-# divides by a broadcast value (a literal, or a when/then of literals whose condition
-# happens to hold on every row) as a multiplication by its reciprocal once the frame has
-# three rows, and sums a group in an order that depends on where it sits in memory. So:
-# constants are multiplied by as reciprocals, divisors made of constants are made from
-# columns, and each journey is summed sequentially. Column-by-column divisions are exact,
-# which keeps a lone session's share at exactly 1.
+# A journey's result must not depend on the other journeys in the frame (reruns and API
+# requests group journeys differently). Polars divides by a broadcast value (a literal, or
+# a when/then of literals whose condition happens to hold on every row) as a
+# multiplication by its reciprocal once the frame has three rows, and sums a group in an
+# order that depends on where it sits in memory. So: constants are multiplied by as
+# reciprocals, divisors made of constants are made from columns, and each journey is
+# summed sequentially. Column-by-column divisions are exact, which keeps a lone session's
+# share at exactly 1.
 
 
 def _hours(duration: pl.Expr) -> pl.Expr:
@@ -183,8 +181,6 @@ def compute_ihc(
     sessions: pl.DataFrame,
     params: LocalModelSettings = LocalModelSettings(),  # noqa: B008 - frozen, never mutated
     redistribution: RedistributionParameter | None = None,
-    *,
-    by: Sequence[str] = (),
 ) -> pl.DataFrame:
     """Phase shares and ihc per session of every journey in ``sessions``.
 
@@ -194,16 +190,10 @@ def compute_ihc(
     and then by session order (timestamp, session_id). A frame without rows gives
     an empty result; otherwise ``ValueError`` for missing columns or a timestamp
     column that is not a Datetime or holds nulls.
-
-    With ``by``, a journey is the rows of one (``*by``, conversion_id): the same
-    conversion_id may then appear under different ``by`` values (the IHC test server
-    attributes several requests at once this way); the ``by`` columns lead the result
-    and its sort.
     """
-    keys = [*by, "conversion_id"]
     if sessions.height == 0:
-        return pl.DataFrame(schema={**sessions.select(by).schema, **OUTPUT_SCHEMA})
-    missing = [name for name in (*by, *INPUT_COLUMNS) if name not in sessions.columns]
+        return pl.DataFrame(schema=OUTPUT_SCHEMA)
+    missing = [name for name in INPUT_COLUMNS if name not in sessions.columns]
     if missing:
         raise ValueError(f"sessions lack column(s): {', '.join(missing)}")
     if not isinstance(sessions.schema["timestamp"], pl.Datetime):
@@ -214,7 +204,6 @@ def compute_ihc(
     frame = (
         sessions.lazy()
         .select(
-            *by,
             pl.col("conversion_id", "session_id", "channel_label").cast(pl.String),
             "timestamp",
             pl.col("holder_engagement", "closer_engagement", "impression_interaction")
@@ -222,8 +211,8 @@ def compute_ihc(
             .fill_null(0.0),
             (pl.col("conversion") == 1).fill_null(False),
         )
-        .sort(*keys, "timestamp", "session_id")
-        .with_columns((pl.struct(keys) if by else pl.col("conversion_id")).rle_id().alias(_J))
+        .sort("conversion_id", "timestamp", "session_id")
+        .with_columns(pl.col("conversion_id").rle_id().alias(_J))
         .with_columns(_raw_memberships(params))
         .with_columns(_journey_sum(pl.col(_raw(phase))).alias(_total(phase)) for phase in PHASES)
         .with_columns(_shares())
@@ -235,7 +224,7 @@ def compute_ihc(
     return (
         frame.with_columns(_ihc(params))
         .select(
-            *keys,
+            "conversion_id",
             "session_id",
             *(pl.col(name).clip(0.0, 1.0) for name in (*PHASES, "ihc")),
         )

@@ -9,18 +9,17 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.db import DatabaseError, connect, sql
+from config.errors import DatabaseError, ReconciliationError
+from tasks.attribution import AttributionOutcome
+from tasks.db import connect, sql
+from tasks.journeys import JourneySet
 from tasks.sources import SourceSnapshot
 
 RELATIVE_TOLERANCE = 1e-9
 ABSOLUTE_TOLERANCE = 1e-6
-
-
-class ReconciliationError(RuntimeError):
-    """A check every run makes failed; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -166,14 +165,36 @@ def write_results(
         con.close()
 
 
+def rows_to_write(
+    outcome: AttributionOutcome, journey_set: JourneySet, refresh: bool
+) -> tuple[pl.DataFrame, pl.Series]:
+    """(new attribution rows, conv_ids whose rows they replace).
+
+    A refresh also clears conversions of the range that no longer have a journey; a
+    conversion that fails keeps whatever attribution it had.
+    """
+    new_rows = outcome.results.select(
+        pl.col("conversion_id").alias("conv_id"), "session_id", "ihc"
+    ).sort("conv_id", "session_id")
+    replace = new_rows["conv_id"].unique()
+    if refresh:
+        replace = pl.concat([replace, journey_set.without_journey["conv_id"]]).unique().sort()
+    return new_rows, replace
+
+
 @task(name="write-attribution-and-channel-report", cache_policy=NO_CACHE)
 def write_results_task(
     db_path: Path,
-    snapshot: SourceSnapshot,
-    new_rows: pl.DataFrame,
-    replace_conv_ids: pl.Series,
+    sources: SourceSnapshot,
+    outcome: AttributionOutcome,
+    journey_set: JourneySet,
+    refresh: bool,
 ) -> WriteOutcome:
-    return write_results(db_path, snapshot, new_rows, replace_conv_ids)
+    new_rows, replace = rows_to_write(outcome, journey_set, refresh)
+    written = write_results(db_path, sources, new_rows, replace)
+    if not written.report_changed:
+        get_run_logger().info("channel_reporting already up to date: not rewritten")
+    return written
 
 
 @task(name="read-attributed-conversions", cache_policy=NO_CACHE)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import polars as pl
-from prefect import task
-from prefect.context import TaskRunContext
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
+from config.errors import InvalidSourceRows
+from config.settings import DatabaseSettings, QualitySettings
 from tasks.db import connect, sql
 
 QUARANTINE_COLUMNS = {
@@ -46,24 +46,12 @@ class SourceSnapshot:
     invalid_examples: pl.DataFrame
     total_cost: float
 
-
-def file_identity(db_path: Path) -> str:
-    """Cheap identity of the database file's current contents.
-
-    Size, modification time and SQLite's file change counter (header bytes 24–27,
-    bumped by every write transaction): any write to the file changes it.
-    """
-    stat = db_path.stat()
-    with db_path.open("rb") as handle:
-        header = handle.read(28)
-    counter = int.from_bytes(header[24:28], "big") if len(header) == 28 else -1
-    return f"{db_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{counter}"
-
-
-def snapshot_cache_key(_: TaskRunContext | None, inputs: dict[str, Any]) -> str:
-    """Cache key of a snapshot: the database's identity and the quality settings."""
-    raw = f"source-snapshot-v1|{inputs['identity']}|{inputs['max_examples']}"
-    return hashlib.sha256(raw.encode()).hexdigest()
+    def invalid_row_counts(self) -> dict[str, int]:
+        """Unusable rows per "table: reason"."""
+        return {
+            f"{row['source_table']}: {row['reason']}": row["rows"]
+            for row in self.invalid_counts.to_dicts()
+        }
 
 
 def _examples(con: duckdb.DuckDBPyConnection, table: str, staged: str, limit: int) -> pl.DataFrame:
@@ -196,27 +184,32 @@ def read_snapshot(
         con.close()
 
 
-@task(
-    name="read-source-tables",
-    cache_key_fn=snapshot_cache_key,
-    persist_result=True,
-    retries=2,
-    retry_delay_seconds=2,
-)
-def read_snapshot_task(
-    db_path: Path, identity: str, max_examples: int, memory_limit: str | None = None
+def quarantine_invalid_rows(
+    sources: SourceSnapshot, output_dir: Path, quality: QualitySettings
+) -> Path | None:
+    """Write examples of unusable source rows to ``quarantine.csv``, warn, and fail the run
+    instead when ``quality.fail_on_invalid_rows``. Returns the file, if there is one."""
+    from tasks.export import QUARANTINE_CSV, write_side_file
+
+    quarantine = write_side_file(sources.invalid_examples, output_dir / QUARANTINE_CSV)
+    counts = sources.invalid_row_counts()
+    if counts:
+        get_run_logger().warning(
+            "Excluded %d unusable source row(s): %s (examples in %s)",
+            sum(counts.values()),
+            counts,
+            quarantine,
+        )
+        if quality.fail_on_invalid_rows:
+            raise InvalidSourceRows(
+                f"unusable source rows found: {counts}; examples in {quarantine} "
+                "(quality.fail_on_invalid_rows is true)"
+            )
+    return quarantine
+
+
+@task(name="read-source-tables", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def read_sources_task(
+    db_path: Path, max_examples: int, database: DatabaseSettings
 ) -> SourceSnapshot:
-    """Cached by database identity: an unchanged database is not read twice."""
-    return read_snapshot(db_path, max_examples, memory_limit)
-
-
-@task(name="remember-source-snapshot", cache_key_fn=snapshot_cache_key, persist_result=True)
-def remember_snapshot_task(
-    snapshot: SourceSnapshot, identity: str, max_examples: int
-) -> SourceSnapshot:
-    """Store the snapshot under the identity the file has after the pipeline's own writes.
-
-    The pipeline writes only its output tables, so the sources read before the write
-    are still the sources after it; the next run with nothing changed hits the cache.
-    """
-    return snapshot
+    return read_snapshot(db_path, max_examples, database.memory_limit)

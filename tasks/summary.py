@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
 from typing import Any
 
 import polars as pl
-from prefect import task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
+
+from config.errors import AttributionRunError
+from tasks.attribution import AttributionOutcome
+from tasks.export import FAILED_CSV
+from tasks.journeys import JourneySet
+from tasks.persist import WriteOutcome
+from tasks.sources import SourceSnapshot
 
 REPORT_ARTIFACT_KEY = "channel-report"
 SUMMARY_ARTIFACT_KEY = "attribution-run-summary"
@@ -20,7 +28,6 @@ class RunSummary:
     end_date: str | None
     provider: str
     synthetic_data: bool = False
-    source_cache_hit: bool = False
     conversions_in_range: int = 0
     conversions_with_journey: int = 0
     journey_sessions: int = 0
@@ -82,7 +89,6 @@ class RunSummary:
             ("Range (conversion dates)", f"{self.start_date or '—'} … {self.end_date or '—'}"),
             ("Provider", self.provider),
             ("Synthetic sample data", "yes" if self.synthetic_data else "no"),
-            ("Source tables served from cache", "yes" if self.source_cache_hit else "no"),
             ("Conversions in range", self.conversions_in_range),
             ("Conversions with a journey", self.conversions_with_journey),
             ("Journey sessions", self.journey_sessions),
@@ -125,7 +131,50 @@ class RunSummary:
         return "\n".join(out) + "\n"
 
 
-def add_report_totals(summary: RunSummary, report: pl.DataFrame) -> None:
+def summarize(
+    *,
+    start: date | None,
+    end: date | None,
+    synthetic: bool,
+    sources: SourceSnapshot,
+    journey_set: JourneySet,
+    skipped: int,
+    outcome: AttributionOutcome,
+    written: WriteOutcome,
+    report: pl.DataFrame,
+    files: list[Path | None],
+) -> RunSummary:
+    """The run summary from the stages' outcomes, logged line by line."""
+    summary = RunSummary(
+        start_date=start.isoformat() if start else None,
+        end_date=end.isoformat() if end else None,
+        provider=outcome.provider,
+        synthetic_data=synthetic,
+        conversions_in_range=journey_set.conversions_in_range.height,
+        conversions_with_journey=journey_set.conversion_count,
+        journey_sessions=journey_set.journeys.height,
+        unattributed_no_journey=journey_set.without_journey.height,
+        already_attributed_skipped=skipped,
+        sent_conversions=journey_set.conversion_count - skipped,
+        attributed_conversions=outcome.results["conversion_id"].n_unique(),
+        failed_conversions=outcome.failed.height,
+        failure_reasons=outcome.failure_reasons(),
+        truncated_journeys=outcome.truncated_journeys,
+        requests=outcome.requests,
+        retries=outcome.retries,
+        cache_hits=outcome.cache_hits,
+        invalid_rows=sources.invalid_row_counts(),
+        rows_written=written.rows_written,
+        files=[str(path) for path in files if path is not None],
+    )
+    _add_report_totals(summary, report)
+    logger = get_run_logger()
+    for line in summary.log_lines():
+        logger.info(line)
+    return summary
+
+
+def _add_report_totals(summary: RunSummary, report: pl.DataFrame) -> None:
     """Totals, overall CPO/ROAS and the three best and worst channels by ROAS."""
     cost = float(report["cost"].sum())
     ihc = float(report["ihc"].sum())
@@ -158,15 +207,25 @@ def report_table(report: pl.DataFrame) -> list[dict[str, Any]]:
     ).to_dicts()
 
 
-@task(name="publish-run-artifacts", cache_policy=NO_CACHE)
-def publish_artifacts_task(summary: RunSummary, report: pl.DataFrame) -> None:
+def publish_summary(summary: RunSummary, report: pl.DataFrame) -> None:
+    """The run's artifacts; call it from the flow, so they belong to the flow run."""
     create_table_artifact(
         key=REPORT_ARTIFACT_KEY,
         table=report_table(report),
-        description="channel_reporting with CPO and ROAS for the run's date range",
+        description="channel_reporting with CPO and ROAS",
     )
     create_markdown_artifact(
         key=SUMMARY_ARTIFACT_KEY,
         markdown=summary.to_markdown(),
         description="What this attribution run did",
     )
+
+
+def raise_for_failed_conversions(summary: RunSummary) -> None:
+    """Fail the run (after its writes) when conversions failed attribution."""
+    if summary.failed_conversions:
+        failed_file = next((f for f in summary.files if f.endswith(FAILED_CSV)), None)
+        raise AttributionRunError(
+            f"{summary.failed_conversions} conversion(s) failed ({summary.failure_reasons}); "
+            f"they are listed in {failed_file} and are sent again by the next run"
+        )

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.attribution import attribution_flow, main
+from flows.attribution import attribution_flow
+from flows.cli import main
 from tasks.sources import read_snapshot
 from tests.helpers import build_db, table_rows
 
@@ -154,9 +155,8 @@ def test_hostile_date_parameter_is_rejected_before_any_work(
 ) -> None:
     db = build_db(tmp_path / "h.db", GOOD_SESSIONS, GOOD_CONVERSIONS)
     before = sqlite3.connect(db).execute("SELECT count(*) FROM sqlite_master").fetchone()
-    with pytest.raises(SystemExit) as info:
-        main(["--start-date", "2023-01-01'; DROP TABLE conversions; --", "--db", str(db)])
-    assert info.value.code == 2
-    assert "--start-date" in capsys.readouterr().err
+    code = main(["--start-date", "2023-01-01'; DROP TABLE conversions; --", "--db", str(db)])
+    assert code == 2
+    assert "start_date" in capsys.readouterr().err
     after = sqlite3.connect(db).execute("SELECT count(*) FROM sqlite_master").fetchone()
     assert after == before

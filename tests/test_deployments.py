@@ -32,6 +32,7 @@ from prefect.client.schemas.objects import StateType
 
 from config.settings import PROJECT_ROOT
 from flows.serve import deployment_specs, served_deployments
+from tasks.attribution import PROGRESS_ARTIFACT_KEY
 from tasks.export import REPORT_CSV
 from tasks.summary import REPORT_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY
 from tests.helpers import build_db
@@ -297,7 +298,10 @@ def test_worker_runs_a_triggered_backfill_and_publishes_artifacts(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
         )
     }
-    assert set(artifacts) == {REPORT_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY}
+    # All of them the flow run's own (the UI's "Flow run" column), none a task run's.
+    assert set(artifacts) == {REPORT_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, PROGRESS_ARTIFACT_KEY}
+    assert {artifact.task_run_id for artifact in artifacts.values()} == {None}
+    assert artifacts[PROGRESS_ARTIFACT_KEY].data == 100.0
     assert artifacts[REPORT_ARTIFACT_KEY].type == "table"
     table = artifacts[REPORT_ARTIFACT_KEY].data
     rows = json.loads(table) if isinstance(table, str) else table

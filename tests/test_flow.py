@@ -10,7 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.attribution import attribution_flow, main
+from flows.attribution import attribution_flow
+from flows.cli import main
 from tasks.sample_data import generate_sample_database
 from tests.helpers import build_db, build_db_missing_columns, table_rows
 
@@ -75,22 +76,39 @@ def test_flow_writes_the_known_report_and_exports_cpo_and_roas(
     assert summary["overall_roas"] == pytest.approx(10.0)
 
 
-def test_export_covers_only_the_requested_dates(known_db: Path, tmp_path: Path) -> None:
+def test_a_ranged_run_attributes_its_range_and_exports_the_whole_report(
+    known_db: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     attribution_flow(
         db_path=str(known_db),
         output_dir=str(out),
         provider="local",
-        start_date="2023-09-02",
+        start_date="2023-09-03",
         end_date="2023-09-03",
     )
+    # No conversion on 2023-09-03: nothing attributed, yet the files hold every channel-day.
+    assert table_rows(known_db, "attribution_customer_journey") == []
     lines = (out / "channel_reporting.csv").read_text().splitlines()
-    assert [line.split(",")[1] for line in lines[1:]] == ["2023-09-02", "2023-09-03"]
-    # The journeys of conversions in the range still reached back to 2023-09-01.
+    assert [tuple(line.split(",")[:2]) for line in lines[1:]] == [
+        (D, "2023-09-01"),
+        (FB, "2023-09-01"),
+        (FB, "2023-09-02"),
+        (FB, "2023-09-03"),
+    ]
+    attribution_flow(
+        db_path=str(known_db),
+        output_dir=str(out),
+        provider="local",
+        start_date="2023-09-02",
+        end_date="2023-09-02",
+    )
+    # The journeys of conversions in the range reached back to 2023-09-01.
     assert table_rows(known_db, "attribution_customer_journey") == [
         ("c1", "s1", 1.0),
         ("c2", "s2", 1.0),
     ]
+    assert pl.read_parquet(out / "channel_reporting.parquet").height == 4
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.attribution import AttributionRunError, attribution_flow, main
+from config.errors import AttributionRunError
+from flows.attribution import attribution_flow
+from flows.cli import main
 from tasks.ihc_server import ServerHandle
 from tasks.sample_data import generate_sample_database
 from tests.helpers import table_rows

@@ -23,21 +23,22 @@ from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from pydantic import SecretStr
 
-from config.settings import ApiSettings, LocalModelSettings, RedistributionParameter, SettingsError
-from tasks.batching import pack_batches
-from tasks.ihc_client import (
-    PROGRESS_ARTIFACT_KEY,
-    Answer,
-    ApiKeyRejected,
-    ProgressEvent,
-    ResultStoreBatchCache,
-    api_settings_from_env,
-    attribute_journeys,
-    attribute_with_api,
-    check_answers,
-    read_answer,
-    resolve_api_key,
+from config.errors import ApiKeyRejected, SettingsError
+from config.secrets import resolve_api_key
+from config.settings import (
+    ApiSettings,
+    LocalModelSettings,
+    RedistributionParameter,
+    load_settings,
 )
+from tasks.attribution import (
+    PROGRESS_ARTIFACT_KEY,
+    ResultStoreBatchCache,
+    attribute,
+    check_results,
+)
+from tasks.batching import pack_batches
+from tasks.ihc_client import ApiStats, attribute_journeys, read_answer
 from tasks.ihc_server import ServerHandle
 from tasks.local_model import compute_ihc
 
@@ -56,7 +57,6 @@ Server = Callable[..., ServerHandle]
 def api_settings(server: ServerHandle, **overrides: Any) -> ApiSettings:
     values: dict[str, Any] = {
         "base_url": server.url,
-        "ramp_up_s": 0.0,
         "conv_type_id": "shop",
         "concurrency": 4,
         "max_retries": 3,
@@ -75,13 +75,9 @@ def local_results(journeys: pl.DataFrame, redistribution=None) -> pl.DataFrame:
     return compute_ihc(journeys, LocalModelSettings(), redistribution)
 
 
-# Requests after the first wave are made ahead in a thread: all at once (a small run),
-# or a wave at a time as the workers get to them (a run larger than the look-ahead).
-@pytest.mark.parametrize("lookahead", [100_000, 1], ids=["all-ahead", "wave-by-wave"])
 def test_results_equal_the_servers_model_session_by_session(
-    ihc_server: Server, ihc_api_key: str, make_journeys, lookahead: int, monkeypatch
+    ihc_server: Server, ihc_api_key: str, make_journeys
 ) -> None:
-    monkeypatch.setattr("tasks.ihc_client.LOOKAHEAD_SESSIONS", lookahead)
     server = ihc_server()
     journeys = make_journeys(sizes(60), shared=True)
     settings = api_settings(
@@ -281,26 +277,6 @@ def test_wrong_sums_fail_their_conversions_and_are_never_renormalised(
     assert_frame_equal(outcome.results, local_results(kept))
 
 
-def test_the_first_requests_are_spread_over_the_ramp_up(
-    ihc_server: Server, ihc_api_key: str, make_journeys
-) -> None:
-    # Answers take longer than the ramp-up: the first four arrivals are the workers' first.
-    server = ihc_server(latency_ms=400)
-    journeys = make_journeys([2] * 8)
-    for ramp_up_s, spread in ((0.0, (0.0, 0.05)), (0.3, (0.2, 0.35))):
-        settings = api_settings(
-            server, concurrency=4, max_journeys_per_request=1, ramp_up_s=ramp_up_s
-        )
-        start = len(server.stats.log)
-        outcome = attribute_journeys(journeys, settings, ihc_api_key)
-        assert outcome.failed.height == 0
-        # Logged once read, so not always in the order their heads arrived.
-        first = [record.arrived for record in server.stats.log[start : start + 4]]
-        # Worker k starts k/4 of the ramp-up late: the first four arrive that far apart.
-        assert spread[0] <= max(first) - min(first) < spread[1]
-        assert server.stats.max_in_flight == 4
-
-
 def test_answers_are_read_tolerantly_and_a_wrong_shape_is_refused() -> None:
     # Numbers as integers or text, ids as numbers, extra and missing fields: read as a
     # JSON reader would (missing or unreadable values become null and fail validation).
@@ -335,31 +311,27 @@ def test_answers_are_read_tolerantly_and_a_wrong_shape_is_refused() -> None:
 def test_answers_are_checked_the_same_in_any_row_order(make_journeys) -> None:
     journeys = make_journeys([3, 1, 4, 2])
     expected = local_results(journeys)
-    sent = journeys.select("conversion_id", "session_id").with_columns(
-        _batch=pl.lit(0, pl.Int64), _row=pl.int_range(pl.len(), dtype=pl.Int64)
-    )
 
-    def check(results: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, str]]:
-        checked = check_answers(sent, {0: Answer(results, [])})
-        good = checked.good.sort("_row").drop("_row")
-        return good, dict(checked.failed.iter_rows())
+    def check(results: pl.DataFrame) -> dict[str, str]:
+        return dict(check_results(journeys, results).iter_rows())
 
     for results in (expected, expected.reverse()):  # as sent; in another order
-        good, failed = check(results)
-        assert_frame_equal(good, expected)
-        assert failed == {}
+        assert check(results) == {}
     wrong = expected.with_columns(
         ihc=pl.when(pl.col("conversion_id") == "conv-00002").then(0.0).otherwise("ihc")
     )
-    for results in (wrong, wrong.reverse(), wrong.reverse().head(-1)):
-        good, failed = check(results)
-        assert failed["conv-00002"] == "ihc sums to 0.0 instead of 1"
-        assert "conv-00002" not in good["conversion_id"].to_list()
+    for results in (wrong, wrong.reverse()):
+        assert check(results) == {"conv-00002": "ihc sums to 0.0 instead of 1"}
     # The reversed frame's last row is conv-00000's first session.
-    assert failed["conv-00000"] == "1 sent session(s) missing from the result"
-    assert_frame_equal(
-        good, expected.filter(pl.col("conversion_id").is_in(["conv-00001", "conv-00003"]))
-    )
+    assert check(wrong.reverse().head(-1)) == {
+        "conv-00000": "1 sent session(s) missing from the result",
+        "conv-00002": "ihc sums to 0.0 instead of 1",
+    }
+    extra = pl.concat([expected, expected.head(1).with_columns(session_id=pl.lit("s-new"))])
+    assert check(extra) == {"conv-00000": "1 returned session(s) were not sent"}
+    assert check(pl.concat([expected, expected.head(1)])) == {
+        "conv-00000": "a session is returned more than once"
+    }
     # Values outside [0, 1] or not a number fail their conversion even when they sum to 1.
     assert (
         expected["conversion_id"][:8].to_list()
@@ -368,15 +340,14 @@ def test_answers_are_checked_the_same_in_any_row_order(make_journeys) -> None:
     for rows, values, reason in (
         (slice(0, 3), [1.5, -0.25, -0.25], "ihc outside [0, 1]"),
         (slice(4, 8), [float("nan"), 0.5, 0.25, 0.25], "ihc missing or not a number"),
+        (slice(4, 8), [None, 0.5, 0.25, 0.25], "ihc missing or not a number"),
     ):
         ihc = expected["ihc"].to_list()
         ihc[rows] = values
-        strange = expected.with_columns(ihc=pl.Series(ihc))
+        strange = expected.with_columns(ihc=pl.Series(ihc, dtype=pl.Float64))
         broken = strange["conversion_id"][rows.start]
         for results in (strange, strange.reverse()):
-            good, failed = check(results)
-            assert failed == {broken: reason}
-            assert_frame_equal(good, expected.filter(pl.col("conversion_id") != broken))
+            assert check(results) == {broken: reason}
 
 
 def test_timeouts_dropped_connections_and_unreadable_bodies_are_retried(
@@ -449,12 +420,12 @@ def test_progress_is_reported_per_batch_and_logged_every_n(
     ihc_server: Server, ihc_api_key: str, make_journeys, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = ihc_server()
-    events: list[ProgressEvent] = []
+    events: list[ApiStats] = []
     settings = api_settings(server, max_journeys_per_request=1, progress_every_batches=4)
     caplog.set_level(logging.INFO, logger="tasks.ihc_client")
     attribute_journeys(make_journeys([2] * 10), settings, ihc_api_key, on_progress=events.append)
     assert [event.done_batches for event in events] == list(range(1, 11))
-    assert {event.total_batches for event in events} == {10}
+    assert {event.batches for event in events} == {10}
     assert events[-1].requests == 10
     assert events[-1].percent == 100.0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("IHC API: ")]
@@ -491,31 +462,35 @@ def test_long_journeys_keep_their_most_recent_sessions_or_fail(
     assert len(server.stats.requests_for(long_id)) == 1  # not sent the second time
 
 
-def test_api_settings_from_the_environment() -> None:
-    settings = ApiSettings()
-    assert api_settings_from_env(settings, environ={}) is settings
-    changed = api_settings_from_env(
-        settings, environ={"IHC_API_URL": "http://127.0.0.1:9/", "IHC_CONV_TYPE_ID": "app"}
-    )
-    assert (changed.base_url, changed.conv_type_id) == ("http://127.0.0.1:9", "app")
-    with pytest.raises(SettingsError, match="IHC_API_URL"):
-        api_settings_from_env(settings, environ={"IHC_API_URL": "ftp://example.com"})
+def test_api_settings_from_the_ihc_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IHC_API_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("IHC_CONV_TYPE_ID", "app")
+    monkeypatch.setenv("ATTRIBUTION_API__CONV_TYPE_ID", "web")  # the IHC name wins
+    api = load_settings().api
+    assert (api.base_url, api.conv_type_id) == ("http://127.0.0.1:9", "app")
+    monkeypatch.setenv("IHC_API_URL", "ftp://example.com")
+    with pytest.raises(SettingsError, match=r"api\.base_url"):
+        load_settings()
 
 
-def test_the_api_key_comes_from_the_environment_or_the_secret_block() -> None:
-    from_env = resolve_api_key(environ={"IHC_API_KEY": " env-key-1 "})
+def test_the_api_key_comes_from_the_environment_or_the_secret_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IHC_API_KEY", " env-key-1 ")
+    from_env = resolve_api_key()
     assert from_env is not None
     assert from_env.get_secret_value() == "env-key-1"
     assert "env-key-1" not in repr(from_env)
-    assert resolve_api_key(environ={}) is None  # no block yet: quietly no key
+    monkeypatch.delenv("IHC_API_KEY")
+    assert resolve_api_key() is None  # no block yet: quietly no key
     Secret(value="block-key-2").save("ihc-api-key", overwrite=True)
     try:
-        from_block = resolve_api_key(environ={})
+        from_block = resolve_api_key()
         assert from_block is not None
         assert from_block.get_secret_value() == "block-key-2"
     finally:
         Secret.delete("ihc-api-key")
-    assert resolve_api_key(environ={}) is None
+    assert resolve_api_key() is None
 
 
 def test_the_prefect_task_reports_progress_and_reuses_cached_batches(
@@ -528,14 +503,16 @@ def test_the_prefect_task_reports_progress_and_reuses_cached_batches(
     @flow
     def attribute_twice() -> tuple[Any, Any]:
         key = SecretStr(ihc_api_key)
-        return attribute_with_api(journeys, settings, key), attribute_with_api(
-            journeys, settings, key
+        local = LocalModelSettings()
+        return (
+            attribute(journeys, "api", settings, local, key),
+            attribute(journeys, "api", settings, local, key),
         )
 
     state = attribute_twice(return_state=True)
     first, second = state.result()
     assert_frame_equal(first.results, local_results(journeys))
-    assert (first.stats.requests, second.stats.requests, second.stats.cache_hits) == (3, 0, 3)
+    assert (first.requests, second.requests, second.cache_hits) == (3, 0, 3)
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
@@ -543,5 +520,7 @@ def test_the_prefect_task_reports_progress_and_reuses_cached_batches(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
             )
         )
-    assert artifacts
+    # Created by the flow, so they belong to the flow run, not to a task run.
+    assert len(artifacts) == 2
     assert {artifact.data for artifact in artifacts} == {100.0}
+    assert {artifact.task_run_id for artifact in artifacts} == {None}

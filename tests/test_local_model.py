@@ -583,8 +583,8 @@ def test_absent_closer_weight_is_shared_by_the_other_phases(frame: pl.DataFrame)
 def test_a_journeys_values_do_not_depend_on_the_other_journeys_in_the_frame(
     make_journeys,
 ) -> None:
-    # The API server answers concurrent requests together and reruns send other batches:
-    # a journey must score the same to the last bit whatever it is computed with.
+    # Reruns and API requests group journeys differently: a journey must score the same
+    # to the last bit whatever it is computed with.
     journeys = make_journeys([1, 2, 3, 5, 8, 13, 1, 4, 7, 2, 9, 1, 6] * 7, shared=True)
     whole = compute_ihc(journeys)
     ids = journeys["conversion_id"].unique(maintain_order=True).to_list()
@@ -594,17 +594,3 @@ def test_a_journeys_values_do_not_depend_on_the_other_journeys_in_the_frame(
             for i in range(0, len(ids), size)
         ]
         assert_frame_equal(pl.concat(parts), whole, check_exact=True)
-
-
-def test_by_keeps_equal_conversion_ids_under_different_keys_apart(make_journeys) -> None:
-    # The API server attributes several requests in one call: their conversion_ids may repeat.
-    first = make_journeys([3, 1, 5, 2])
-    second = make_journeys([2, 4, 1, 6])  # the same conversion_ids, other journeys
-    both = pl.concat([second.with_columns(_job=pl.lit(1)), first.with_columns(_job=pl.lit(0))])
-    result = compute_ihc(both, by=("_job",))
-    assert result.columns == ["_job", *OUTPUT_SCHEMA.names()]
-    assert result["_job"].to_list() == [0] * first.height + [1] * second.height
-    for job, alone in enumerate((first, second)):
-        assert_frame_equal(
-            result.filter(pl.col("_job") == job).drop("_job"), compute_ihc(alone), check_exact=True
-        )

@@ -113,13 +113,16 @@ def test_export_has_null_cpo_and_roas_where_the_denominator_is_zero(
     ]
 
 
-def test_export_covers_the_requested_report_dates(shared_db: Path) -> None:
+def test_the_exported_report_is_the_whole_table_with_cpo_and_roas(shared_db: Path) -> None:
     write(shared_db, ATTRIBUTION)
-    report = read_channel_report(shared_db, date(2023, 9, 2), date(2023, 9, 3))
+    report = read_channel_report(shared_db)
+    stored = table_rows(shared_db, "channel_reporting")
     assert report.select("channel_name", "date").rows() == [
-        (D, date(2023, 9, 2)),
-        (F, date(2023, 9, 3)),
+        (name, date.fromisoformat(day)) for name, day, *_ in stored
     ]
+    for row in report.iter_rows(named=True):
+        assert row["cpo"] == (row["cost"] / row["ihc"] if row["ihc"] else None)
+        assert row["roas"] == (row["ihc_revenue"] / row["cost"] if row["cost"] else None)
 
 
 def test_rewriting_the_same_conversions_leaves_identical_tables(shared_db: Path) -> None:

@@ -30,7 +30,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-from tasks.ihc_client import SECRET_BLOCK
+from config.secrets import SECRET_BLOCK
 from tasks.ihc_server import ServerHandle
 from tasks.sample_data import generate_sample_database
 from tests.pipeline_process import Finished, pipeline_env, run_pipeline
