@@ -64,6 +64,7 @@ class DatabaseSettings(_Section):
     schema_path: ProjectPath = Path("data/challenge_db_create.sql")
     lock_timeout_s: float = Field(0.0, ge=0)
     memory_limit: str = Field("1GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    temp_dir: ProjectPath = Path("output/.tmp")
 
 
 class OutputSettings(_Section):

@@ -27,10 +27,10 @@ from config.errors import PipelineError
 from config.secrets import resolve_api_key
 from flows.parameters import IsoDate, Provider, WindowDays, parse_parameters
 from tasks.attribution import attribute, choose_provider, journeys_to_send
-from tasks.db import ensure_database, prepare_database_task, run_lock
+from tasks.db import ensure_database, prepare_database_task, run_lock, scratch_directory
 from tasks.export import export_report_task
 from tasks.journeys import build_journeys_task
-from tasks.persist import attributed_conversion_ids_task, write_results_task
+from tasks.persist import read_attribution_task, write_results_task
 from tasks.sources import quarantine_invalid_rows, read_sources_task
 from tasks.summary import publish_summary, raise_for_failed_conversions, summarize
 
@@ -79,15 +79,18 @@ def attribution_flow(
         chosen = choose_provider(settings.attribution.provider, api_key)
         db, out = settings.database.path, settings.output.dir
         synthetic = ensure_database(settings, explicit=params.db_path is not None)
-        with run_lock(db, settings.database.lock_timeout_s):
-            prepare_database_task(db, settings.database.schema_path)
-            sources = read_sources_task(db, settings.quality.max_examples, settings.database)
+        database = settings.database
+        with run_lock(db, database.lock_timeout_s), scratch_directory(database):
+            prepare_database_task(db, database.schema_path)
+            sources = read_sources_task(db, start, end, settings.quality.max_examples, database)
             quarantine = quarantine_invalid_rows(sources, out, settings.quality)
             journey_set = build_journeys_task(sources, start, end, settings.journeys)
-            attributed = attributed_conversion_ids_task(db)
+            attributed = read_attribution_task(db)
             to_send, skipped = journeys_to_send(journey_set.journeys, attributed, params.refresh)
             outcome = attribute(to_send, chosen, settings.api, settings.local_model, api_key)
-            written = write_results_task(db, sources, outcome, journey_set, params.refresh)
+            written = write_results_task(
+                db, sources, attributed, outcome, journey_set, params.refresh, database
+            )
         report, files = export_report_task(db, out, outcome.failed)
         summary = summarize(
             start=start,

@@ -73,14 +73,13 @@ def journeys_to_send(
 ) -> tuple[pl.DataFrame, int]:
     """The journeys to attribute and how many conversions were skipped as already done.
 
-    ``attributed`` holds the ``conv_id`` of conversions that have attribution rows; they
-    are sent again only with ``refresh``.
+    ``attributed`` holds the attribution rows written so far (``conv_id``, …); their
+    conversions are sent again only with ``refresh``.
     """
     if refresh:
         return journeys, 0
-    to_send = journeys.join(
-        attributed.select(pl.col("conv_id").alias("conversion_id")), on="conversion_id", how="anti"
-    )
+    done = attributed.select(pl.col("conv_id").alias("conversion_id")).unique()
+    to_send = journeys.join(done, on="conversion_id", how="anti")
     skipped = journeys["conversion_id"].n_unique() - to_send["conversion_id"].n_unique()
     return to_send, skipped
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from urllib.parse import quote
 
 import duckdb
 import duckdb_extension_sqlite_scanner
@@ -19,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from config.errors import DatabaseError, RunLockedError
-from config.settings import Settings
+from config.settings import DatabaseSettings, Settings
 
 SOURCE_ALIAS = "src"
 SQL_DIR = Path(__file__).parent / "sql"
@@ -81,12 +82,12 @@ def check_sqlite_file(path: Path) -> None:
 
 
 def connect(
-    db_path: Path, *, read_only: bool = False, memory_limit: str | None = None
+    db_path: Path, *, read_only: bool = False, database: DatabaseSettings | None = None
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with ``db_path`` attached as ``src`` (TYPE sqlite).
 
-    ``memory_limit`` caps DuckDB's memory; past it, large operators spill to a
-    temporary folder instead of growing the process.
+    With ``database`` settings, DuckDB's memory is capped at ``memory_limit``; past it,
+    large operators spill to the run's folder under ``temp_dir`` (``scratch_directory``).
     """
     check_sqlite_file(db_path)
     config: dict[str, str | bool | int] = {
@@ -94,10 +95,10 @@ def connect(
         "autoload_known_extensions": False,
         "threads": max(os.cpu_count() or 1, 1),
         "preserve_insertion_order": False,
-        "temp_directory": str(Path(tempfile.gettempdir()) / f"attribution-duckdb-{os.getpid()}"),
     }
-    if memory_limit:
-        config["memory_limit"] = memory_limit
+    if database is not None:
+        config["memory_limit"] = database.memory_limit
+        config["temp_directory"] = str(database.temp_dir / f"run-{os.getpid()}")
     con = duckdb.connect(config=config)
     try:
         con.load_extension(str(sqlite_extension_path()))
@@ -109,6 +110,22 @@ def connect(
         con.close()
         raise DatabaseError(f"cannot open {db_path} as SQLite: {exc}") from exc
     return con
+
+
+@contextmanager
+def scratch_directory(database: DatabaseSettings) -> Iterator[Path]:
+    """The run's folder for DuckDB's spilled data, removed when the run ends."""
+    folder = database.temp_dir / f"run-{os.getpid()}"
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sqlite_reader(db_path: Path) -> sqlite3.Connection:
+    """A read-only stdlib connection: SQLite itself, for lookups an index can serve."""
+    check_sqlite_file(db_path)
+    return sqlite3.connect(f"file:{quote(str(db_path))}?mode=ro", uri=True, timeout=30)
 
 
 @contextmanager
@@ -157,11 +174,12 @@ def _missing(tables: dict[str, set[str]], expected: dict[str, tuple[str, ...]]) 
 
 
 def prepare_database(db_path: Path, schema_path: Path) -> list[str]:
-    """Validate the source schema and create the missing output tables.
+    """Validate the source schema, create the missing output tables and the indexes the
+    reads need (``IF NOT EXISTS``: once per database).
 
     Runs before DuckDB attaches the file, on a short-lived stdlib connection, so the
     output tables get the schema file's DDL verbatim (DuckDB would rewrite the types).
-    Returns the tables created. Source tables are never dropped or changed.
+    Returns what it created. Source rows are never dropped or changed.
     """
     check_sqlite_file(db_path)
     statements = create_table_statements(schema_path)
@@ -181,14 +199,36 @@ def prepare_database(db_path: Path, schema_path: Path) -> list[str]:
             raise DatabaseError(
                 f"schema file {schema_path} has no CREATE TABLE for {', '.join(absent)}"
             )
+        indexes = [column for column in _INDEXES if _index_missing(con, column)]
         with con:
             for table in to_create:
                 con.execute(statements[table])
-        return to_create
+            for column in indexes:
+                # Names from the constant above, never from input.
+                con.execute(f"CREATE INDEX {_INDEXES[column]} ON session_sources ({column})")
+        created = [f"table {table}" for table in to_create]
+        return created + [f"index {_INDEXES[column]}" for column in indexes]
     except sqlite3.DatabaseError as exc:
         raise DatabaseError(f"cannot read {db_path} as SQLite: {exc}") from exc
     finally:
         con.close()
+
+
+# The journeys' sessions are looked up by user, the report's by session id (the challenge
+# schema's primary key serves that when the table has one): column -> index name.
+_INDEXES = {
+    "user_id": "idx_session_sources_user_id",
+    "session_id": "idx_session_sources_session_id",
+}
+
+
+def _index_missing(con: sqlite3.Connection, column: str) -> bool:
+    """Whether no index of session_sources starts with ``column``."""
+    for (index,) in con.execute("SELECT name FROM pragma_index_list('session_sources')"):
+        first = con.execute("SELECT name FROM pragma_index_info(?) WHERE seqno = 0", [index])
+        if first.fetchone() == (column,):
+            return False
+    return True
 
 
 _HEADER_BLOCK = re.compile(r'("""|\'\'\').*?\1', re.DOTALL)
@@ -248,4 +288,13 @@ def ensure_database(settings: Settings, *, explicit: bool) -> bool:
 
 @task(name="prepare-database", cache_policy=NO_CACHE)
 def prepare_database_task(db_path: Path, schema_path: Path) -> list[str]:
-    return prepare_database(db_path, schema_path)
+    started = time.perf_counter()
+    created = prepare_database(db_path, schema_path)
+    if created:
+        get_run_logger().info(
+            "Created in %s (once; source rows are not changed): %s (%.1f s)",
+            db_path,
+            ", ".join(created),
+            time.perf_counter() - started,
+        )
+    return created

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from config.settings import JourneySettings
-from tasks.sources import SourceSnapshot
+from tasks.sources import Sources, conversions_in_range
 
 
 @dataclass(frozen=True)
@@ -24,18 +24,6 @@ class JourneySet:
     @property
     def conversion_count(self) -> int:
         return self.journeys["conversion_id"].n_unique()
-
-
-def conversions_in_range(
-    conversions: pl.DataFrame, start_date: date | None, end_date: date | None
-) -> pl.DataFrame:
-    """Conversions whose ``conv_date`` lies in the inclusive range (open ends allowed)."""
-    condition = pl.lit(True)
-    if start_date is not None:
-        condition &= pl.col("conv_day") >= start_date
-    if end_date is not None:
-        condition &= pl.col("conv_day") <= end_date
-    return conversions.filter(condition)
 
 
 def build_journeys(
@@ -109,7 +97,7 @@ def build_journeys(
 
 @task(name="build-customer-journeys", cache_policy=NO_CACHE)
 def build_journeys_task(
-    sources: SourceSnapshot,
+    sources: Sources,
     start_date: date | None,
     end_date: date | None,
     settings: JourneySettings,

@@ -13,10 +13,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from config.errors import DatabaseError, ReconciliationError
+from config.settings import DatabaseSettings
 from tasks.attribution import AttributionOutcome
 from tasks.db import connect, sql
 from tasks.journeys import JourneySet
-from tasks.sources import SourceSnapshot
+from tasks.sources import Sources, read_sessions_by_id
 
 RELATIVE_TOLERANCE = 1e-9
 ABSOLUTE_TOLERANCE = 1e-6
@@ -32,25 +33,34 @@ class WriteOutcome:
     report_cost: float
 
 
-def attributed_conversion_ids(db_path: Path) -> pl.DataFrame:
-    """The conversions that already have rows in attribution_customer_journey."""
+def read_attribution(db_path: Path) -> pl.DataFrame:
+    """(conv_id, session_id) of every attribution row written so far."""
     con = connect(db_path, read_only=True)
     try:
-        return con.execute(
-            "SELECT DISTINCT CAST(conv_id AS VARCHAR) AS conv_id "
-            "FROM src.attribution_customer_journey ORDER BY conv_id"
-        ).pl()
+        return con.execute(sql("attribution_rows")).pl()
     finally:
         con.close()
+
+
+def report_sessions(
+    db_path: Path, sources: Sources, attributed: pl.DataFrame, new_rows: pl.DataFrame
+) -> pl.DataFrame:
+    """The usable sessions the report joins: those of the attribution rows after this
+    write, from the run's sessions or, for earlier runs' rows, looked up by id."""
+    needed = pl.concat([attributed["session_id"], new_rows["session_id"]]).unique()
+    known = sources.sessions.filter(pl.col("session_id").is_in(needed.implode()))
+    missing = needed.filter(~needed.is_in(known["session_id"].implode()))
+    if missing.is_empty():
+        return known
+    looked_up = read_sessions_by_id(db_path, missing, sources.duplicated_sessions)
+    return pl.concat([known, looked_up], how="vertical_relaxed")
 
 
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=RELATIVE_TOLERANCE, abs_tol=ABSOLUTE_TOLERANCE)
 
 
-def _reconcile(
-    con: duckdb.DuckDBPyConnection, snapshot: SourceSnapshot
-) -> tuple[float, int, float]:
+def _reconcile(con: duckdb.DuckDBPyConnection, sources: Sources) -> tuple[float, int, float]:
     """(report cost, attributed conversions, their revenue), or ReconciliationError."""
     row = con.execute(sql("report_checks")).fetchone()
     assert row is not None
@@ -68,8 +78,8 @@ def _reconcile(
             f"{unknown_c} attribution row(s) reference conversions missing from conversions "
             "(or quarantined)"
         )
-    if not _close(cost, snapshot.total_cost):
-        problems.append(f"report cost {cost:.6f} != total session cost {snapshot.total_cost:.6f}")
+    if not _close(cost, sources.total_cost):
+        problems.append(f"report cost {cost:.6f} != total session cost {sources.total_cost:.6f}")
     if not _close(ihc, float(attributed)):
         problems.append(f"report ihc {ihc:.9f} != attributed conversions {attributed}")
     if not _close(revenue, attributed_revenue):
@@ -83,62 +93,45 @@ def _reconcile(
 
 def write_results(
     db_path: Path,
-    snapshot: SourceSnapshot,
+    sources: Sources,
+    attributed: pl.DataFrame,
     new_rows: pl.DataFrame,
     replace_conv_ids: pl.Series,
+    database: DatabaseSettings | None = None,
 ) -> WriteOutcome:
     """Replace the attribution of ``replace_conv_ids`` by ``new_rows``, rebuild the report.
 
     One SQLite transaction: delete by conv_id, insert, rebuild channel_reporting,
     reconcile; any failure rolls everything back, so the tables are never half-written.
-    ``new_rows`` has columns conv_id, session_id, ihc.
+    ``attributed`` holds the rows written before (``read_attribution``); ``new_rows``
+    has columns conv_id, session_id, ihc.
     """
-    con = connect(db_path)
+    kept = attributed.filter(~pl.col("conv_id").is_in(replace_conv_ids.implode()))
+    sessions = report_sessions(db_path, sources, kept, new_rows)
+    con = connect(db_path, database=database)
     try:
-        con.register("snapshot_sessions", snapshot.sessions)
-        con.register("snapshot_conversions", snapshot.conversions)
-        con.register("snapshot_day_costs", snapshot.day_costs)
+        con.register("report_sessions", sessions)
+        con.register("usable_conversions", sources.conversions)
+        con.register("day_costs", sources.day_costs)
         con.register("replace_ids", pl.DataFrame({"conv_id": replace_conv_ids.cast(pl.String)}))
         con.register(
             "new_rows",
             new_rows.select(
-                pl.col("conv_id").cast(pl.String),
-                pl.col("session_id").cast(pl.String),
-                pl.col("ihc").cast(pl.Float64),
+                pl.col("conv_id", "session_id").cast(pl.String), pl.col("ihc").cast(pl.Float64)
             ),
         )
         con.execute("BEGIN TRANSACTION")
         try:
-            deleted = con.execute(
-                "SELECT count(*) FROM src.attribution_customer_journey "
-                "WHERE conv_id IN (SELECT conv_id FROM replace_ids)"
-            ).fetchone()[0]
+            deleted = con.execute(sql("count_replaced")).fetchone()[0]
             if replace_conv_ids.len():
                 con.execute(sql("attributed_to_delete"))
             if new_rows.height:
-                con.execute(
-                    "INSERT INTO src.attribution_customer_journey (conv_id, session_id, ihc) "
-                    "SELECT conv_id, session_id, ihc FROM new_rows ORDER BY conv_id, session_id"
-                )
+                con.execute(sql("insert_attribution"))
             con.execute(sql("channel_report"))
-            cost, attributed, attributed_revenue = _reconcile(con, snapshot)
-            changed = con.execute(
-                "SELECT count(*) FROM ("
-                "(SELECT channel_name, date, cost, ihc, ihc_revenue FROM new_channel_report "
-                " EXCEPT ALL SELECT CAST(channel_name AS VARCHAR), CAST(date AS VARCHAR), "
-                " cost, ihc, ihc_revenue FROM src.channel_reporting) UNION ALL "
-                "(SELECT CAST(channel_name AS VARCHAR), CAST(date AS VARCHAR), cost, ihc, "
-                " ihc_revenue FROM src.channel_reporting EXCEPT ALL "
-                " SELECT channel_name, date, cost, ihc, ihc_revenue FROM new_channel_report))"
-            ).fetchone()[0]
+            cost, attributed_count, attributed_revenue = _reconcile(con, sources)
+            changed = con.execute(sql("report_changed")).fetchone()[0]
             if changed:
-                con.execute("DELETE FROM src.channel_reporting")
-                con.execute(
-                    "INSERT INTO src.channel_reporting "
-                    "(channel_name, date, cost, ihc, ihc_revenue) "
-                    "SELECT channel_name, date, cost, ihc, ihc_revenue FROM new_channel_report "
-                    "ORDER BY channel_name, date"
-                )
+                con.execute(sql("replace_channel_report"))
             if new_rows.height or replace_conv_ids.len() or changed:
                 con.execute("COMMIT")
             else:
@@ -157,7 +150,7 @@ def write_results(
             rows_deleted=int(deleted),
             rows_written=new_rows.height,
             report_changed=bool(changed),
-            attributed_conversions=attributed,
+            attributed_conversions=attributed_count,
             attributed_revenue=attributed_revenue,
             report_cost=cost,
         )
@@ -185,18 +178,20 @@ def rows_to_write(
 @task(name="write-attribution-and-channel-report", cache_policy=NO_CACHE)
 def write_results_task(
     db_path: Path,
-    sources: SourceSnapshot,
+    sources: Sources,
+    attributed: pl.DataFrame,
     outcome: AttributionOutcome,
     journey_set: JourneySet,
     refresh: bool,
+    database: DatabaseSettings,
 ) -> WriteOutcome:
     new_rows, replace = rows_to_write(outcome, journey_set, refresh)
-    written = write_results(db_path, sources, new_rows, replace)
+    written = write_results(db_path, sources, attributed, new_rows, replace, database)
     if not written.report_changed:
         get_run_logger().info("channel_reporting already up to date: not rewritten")
     return written
 
 
-@task(name="read-attributed-conversions", cache_policy=NO_CACHE)
-def attributed_conversion_ids_task(db_path: Path) -> pl.DataFrame:
-    return attributed_conversion_ids(db_path)
+@task(name="read-attribution", cache_policy=NO_CACHE)
+def read_attribution_task(db_path: Path) -> pl.DataFrame:
+    return read_attribution(db_path)

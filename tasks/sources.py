@@ -1,8 +1,25 @@
-"""Read the source tables once: usable rows, quarantined rows, spend per channel-day."""
+"""Read what the run needs from the source tables, checking every row on the way.
+
+- ``conversions``, a small table, is read whole and checked row by row.
+- Spend per channel and day, the total spend and the checks that must see every session
+  and cost row come from one aggregate pass of DuckDB over session_sources ⋈
+  session_costs (``spend_and_checks.sql``): no table is copied, so memory and spilled
+  data stay bounded whatever the table sizes. Duplicate ids are looked for only where
+  the table has no unique index on them (the challenge schema's primary keys).
+- The sessions of the run's users are looked up through the index on
+  ``session_sources(user_id)`` by SQLite itself (DuckDB's scanner reads whole tables and
+  uses no SQLite index) and checked by the same rules (``check_sessions.sql``).
+
+An unusable row is excluded, counted per reason and listed (up to ``max_examples`` per
+reason) for ``quarantine.csv``.
+"""
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -12,39 +29,60 @@ from prefect.cache_policies import NO_CACHE
 
 from config.errors import InvalidSourceRows
 from config.settings import DatabaseSettings, QualitySettings
-from tasks.db import connect, sql
+from tasks.db import connect, sql, sqlite_reader
 
-QUARANTINE_COLUMNS = {
-    "session_sources": [
-        "session_id",
-        "user_id",
-        "channel_name",
-        "raw_event_date",
-        "raw_event_time",
-        "raw_holder_engagement",
-        "raw_closer_engagement",
-        "raw_impression_interaction",
-    ],
-    "conversions": ["conv_id", "user_id", "raw_conv_date", "raw_conv_time", "raw_revenue"],
-    "session_costs": ["session_id", "raw_cost"],
-}
+SESSION_COLUMNS = (
+    "session_id",
+    "user_id",
+    "event_date",
+    "event_time",
+    "channel_name",
+    "holder_engagement",
+    "closer_engagement",
+    "impression_interaction",
+)
+# The usable sessions' columns, as the journey builder takes them.
+USABLE_SESSIONS = (
+    "session_id",
+    "user_id",
+    "ts",
+    "event_day",
+    "channel_name",
+    "holder_engagement",
+    "closer_engagement",
+    "impression_interaction",
+)
+_ID_SCHEMA = pl.Schema({"session_id": pl.String})
+
+
+def conversions_in_range(
+    conversions: pl.DataFrame, start_date: date | None, end_date: date | None
+) -> pl.DataFrame:
+    """Conversions whose ``conv_date`` lies in the inclusive range (open ends allowed)."""
+    condition = pl.lit(True)
+    if start_date is not None:
+        condition &= pl.col("conv_day") >= start_date
+    if end_date is not None:
+        condition &= pl.col("conv_day") <= end_date
+    return conversions.filter(condition)
 
 
 @dataclass(frozen=True)
-class SourceSnapshot:
-    """What the pipeline needs from the source tables, small enough to cache.
+class Sources:
+    """What the run needs from the source tables.
 
-    ``sessions`` holds only usable sessions of users who converted: every journey
-    (whatever the look-back or tie setting) is drawn from them, and the report looks
-    up attributed sessions there.
+    ``sessions`` holds the usable sessions of the run's users (those with a usable
+    conversion in the run's range): every journey of the run is drawn from them.
+    ``duplicated_sessions`` lists session ids that occur more than once (unusable).
     """
 
-    sessions: pl.DataFrame
     conversions: pl.DataFrame
+    sessions: pl.DataFrame
     day_costs: pl.DataFrame
+    total_cost: float
     invalid_counts: pl.DataFrame
     invalid_examples: pl.DataFrame
-    total_cost: float
+    duplicated_sessions: pl.DataFrame
 
     def invalid_row_counts(self) -> dict[str, int]:
         """Unusable rows per "table: reason"."""
@@ -54,138 +92,144 @@ class SourceSnapshot:
         }
 
 
-def _examples(con: duckdb.DuckDBPyConnection, table: str, staged: str, limit: int) -> pl.DataFrame:
-    # Column and table names are constants of this module, never user input.
-    columns = QUARANTINE_COLUMNS[table]
-    values = ", ".join(f"CAST({c} AS VARCHAR)" for c in columns)
-    keys = ", ".join(f"'{c}'" for c in columns)
-    return con.execute(
-        f"""
-        SELECT ? AS source_table, invalid_reason AS reason,
-               to_json(map([{keys}], [{values}])) AS row_values
-        FROM {staged}
-        WHERE invalid_reason IS NOT NULL
-        QUALIFY row_number() OVER (PARTITION BY invalid_reason ORDER BY rowid) <= ?
-        ORDER BY reason, row_values
-        """,  # noqa: S608
-        [table, limit],
-    ).pl()
+def _unique_session_id(reader: sqlite3.Connection, table: str) -> bool:
+    """Whether SQLite guarantees session_id is unique in ``table`` (a key or unique index)."""
+    indexes = reader.execute('SELECT name FROM pragma_index_list(?) WHERE "unique"', [table])
+    return any(
+        reader.execute("SELECT name FROM pragma_index_info(?)", [index]).fetchall()
+        == [("session_id",)]
+        for (index,) in indexes.fetchall()
+    )
 
 
-def _stage(con: duckdb.DuckDBPyConnection, name: str, source_view: str = "") -> None:
-    """Run ``tasks/sql/<name>.sql`` over ``source_view``, robust to mistyped values.
-
-    The typed scan is fast; a database with values of the wrong storage class (text in
-    an INTEGER column, say) makes it fail, and then every column is read as text so
-    the bad values are reported as unusable rows instead of stopping the run.
-    """
-    statements = f"{source_view};\n{sql(name)}" if source_view else sql(name)
+def _typed_or_text(
+    con: duckdb.DuckDBPyConnection, query: str, parameters: list[object] | None = None
+) -> pl.DataFrame:
+    """The result of ``query``; if a value of the wrong storage class (text in an INTEGER
+    column) breaks DuckDB's typed scan, of the query reading every column as text, so the
+    bad values are reported as unusable rows instead of stopping the run."""
     try:
-        con.execute(statements)
+        return con.execute(query, parameters).pl()
     except duckdb.Error:
         con.execute("SET sqlite_all_varchar = true")
         try:
-            con.execute(statements)
+            return con.execute(query, parameters).pl()
         finally:
             con.execute("SET sqlite_all_varchar = false")
 
 
-def _counts(con: duckdb.DuckDBPyConnection, table: str, staged: str) -> pl.DataFrame:
-    return con.execute(
-        f"SELECT ? AS source_table, invalid_reason AS reason, count(*) AS rows "  # noqa: S608
-        f"FROM {staged} WHERE invalid_reason IS NOT NULL GROUP BY ALL",
-        [table],
-    ).pl()
+def _duplicates(
+    con: duckdb.DuckDBPyConnection, reader: sqlite3.Connection, table: str, query: str
+) -> pl.DataFrame:
+    """Session ids found twice in ``table``; looked for only where no index rules it out."""
+    if _unique_session_id(reader, table):
+        return pl.DataFrame(schema=_ID_SCHEMA)
+    return _typed_or_text(con, sql(query))
 
 
-def _stage_conversions(con: duckdb.DuckDBPyConnection) -> None:
-    _stage(
-        con,
-        "stage_conversions",
-        "CREATE OR REPLACE TEMP VIEW conversion_rows AS SELECT * FROM src.conversions",
+def _read_conversions(con: duckdb.DuckDBPyConnection, limit: int) -> tuple[pl.DataFrame, ...]:
+    """(usable conversions, unusable counts, examples)."""
+    _typed_or_text(con, sql("stage_conversions"))
+    usable = con.execute(sql("usable_conversions")).pl()
+    counts = con.execute(sql("conversion_checks")).pl()
+    examples = con.execute(sql("conversion_examples"), [limit]).pl() if counts.height else None
+    return usable, counts, examples
+
+
+def check_session_rows(
+    con: duckdb.DuckDBPyConnection, rows: pl.DataFrame, duplicated: pl.DataFrame
+) -> pl.DataFrame:
+    """The usable ones of ``rows`` (session_sources rows, any types), parsed and checked
+    by the same rules as the aggregate pass."""
+    con.register("looked_up_sessions", rows)
+    con.register("duplicated_sessions", duplicated)
+    con.execute(sql("looked_up_sessions"))
+    con.execute(sql("check_sessions"))
+    return con.execute(sql("usable_sessions")).pl()
+
+
+def lookup_session_rows(
+    reader: sqlite3.Connection, column: str, keys: Iterable[str]
+) -> pl.DataFrame:
+    """session_sources rows whose ``column`` (user_id or session_id) is one of ``keys``,
+    found through SQLite's index on that column; every value as text."""
+    reader.execute("CREATE TEMP TABLE IF NOT EXISTS lookup_keys (key TEXT PRIMARY KEY)")
+    reader.execute("DELETE FROM lookup_keys")
+    reader.executemany("INSERT OR IGNORE INTO lookup_keys VALUES (?)", ((key,) for key in keys))
+    rows = reader.execute(sql(f"sqlite_sessions_by_{column}")).fetchall()
+    return pl.DataFrame(
+        rows, schema=dict.fromkeys(SESSION_COLUMNS, pl.String), orient="row", strict=False
     )
 
 
-def _usable_journey_sessions(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    """Usable rows of staged_sessions that belong to a user with a usable conversion."""
-    sessions = con.execute(sql("converting_users_sessions")).pl()
-    con.execute("DROP TABLE staged_sessions")
-    return sessions
-
-
-def _valid_conversions(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    return con.execute(
-        "SELECT conv_id, user_id, conv_ts, conv_day, revenue FROM staged_conversions "
-        "WHERE invalid_reason IS NULL ORDER BY conv_id"
-    ).pl()
-
-
-def read_journey_inputs(db_path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(sessions of converting users, conversions), both usable rows only.
-
-    The journey builder's own read: it reads only the converting users' sessions, which
-    is what makes it fast on large session tables. A session id duplicated with another
-    user is not seen here; ``read_snapshot``, which checks every row, excludes it.
-    """
-    con = connect(db_path, read_only=True)
+def read_sessions_by_id(
+    db_path: Path, session_ids: pl.Series, duplicated: pl.DataFrame
+) -> pl.DataFrame:
+    """The usable sessions with these ids (the report's attributed sessions)."""
+    reader = sqlite_reader(db_path)
+    con = duckdb.connect()
     try:
-        _stage_conversions(con)
-        _stage(
-            con,
-            "stage_sessions",
-            "CREATE OR REPLACE TEMP VIEW session_rows AS SELECT * FROM src.session_sources "
-            "WHERE user_id IN (SELECT user_id FROM src.conversions)",
-        )
-        return _usable_journey_sessions(con), _valid_conversions(con)
+        rows = lookup_session_rows(reader, "session_id", session_ids.to_list())
+        return check_session_rows(con, rows, duplicated)
     finally:
         con.close()
+        reader.close()
 
 
-def read_snapshot(
-    db_path: Path, max_examples: int, memory_limit: str | None = None
-) -> SourceSnapshot:
-    """Check every source row, sum the spend, and read the journeys' inputs."""
-    con = connect(db_path, read_only=True, memory_limit=memory_limit)
+def read_sources(
+    db_path: Path,
+    start_date: date | None,
+    end_date: date | None,
+    max_examples: int = 20,
+    database: DatabaseSettings | None = None,
+) -> Sources:
+    """Check every source row, sum the spend, and read the sessions of the run's users."""
+    con = connect(db_path, read_only=True, database=database)
+    reader = sqlite_reader(db_path)
     try:
-        _stage_conversions(con)
-        _stage(
-            con,
-            "stage_sessions",
-            "CREATE OR REPLACE TEMP VIEW session_rows AS SELECT * FROM src.session_sources",
-        )
-        _stage(con, "stage_costs")
-        staged = {
-            "session_sources": "staged_sessions",
-            "conversions": "staged_conversions",
-            "session_costs": "staged_costs",
-        }
-        invalid_counts = pl.concat(
-            [_counts(con, table, name) for table, name in staged.items()],
+        conversions, conversion_counts, conversion_examples = _read_conversions(con, max_examples)
+        con.execute(sql("source_views"))
+        duplicated_sessions = _duplicates(con, reader, "session_sources", "duplicated_sessions")
+        duplicated_costs = _duplicates(con, reader, "session_costs", "duplicated_costs")
+        con.register("duplicated_sessions", duplicated_sessions)
+        con.register("duplicated_costs", duplicated_costs)
+        con.execute(sql("check_sessions"))
+        con.execute(sql("check_costs"))
+        passed = _typed_or_text(con, sql("spend_and_checks"))
+        con.register("spend_pass", passed)
+        day_costs = con.execute(sql("day_costs")).pl()
+        counts = pl.concat(
+            [conversion_counts, con.execute(sql("session_and_cost_checks")).pl()],
             how="vertical_relaxed",
         ).sort("source_table", "reason")
-        invalid_examples = pl.concat(
-            [_examples(con, table, name, max_examples) for table, name in staged.items()],
-            how="vertical_relaxed",
-        )
-        day_costs = con.execute(sql("day_costs")).pl()
-        totals = con.execute(sql("source_totals")).fetchone()
-        assert totals is not None
-        sessions = _usable_journey_sessions(con)
-        conversions = _valid_conversions(con)
-        return SourceSnapshot(
-            sessions=sessions,
+        examples = [conversion_examples] if conversion_examples is not None else []
+        if counts.height > conversion_counts.height:
+            examples.append(_typed_or_text(con, sql("session_and_cost_examples"), [max_examples]))
+        in_range = conversions_in_range(conversions, start_date, end_date)
+        rows = lookup_session_rows(reader, "user_id", in_range["user_id"].unique().to_list())
+        sessions = check_session_rows(con, rows, duplicated_sessions)
+        return Sources(
             conversions=conversions,
+            sessions=sessions.sort("user_id", "ts", "session_id"),
             day_costs=day_costs,
-            invalid_counts=invalid_counts.with_columns(pl.col("rows").cast(pl.Int64)),
-            invalid_examples=invalid_examples,
-            total_cost=float(totals[0]),
+            total_cost=float(day_costs["cost"].sum()),
+            invalid_counts=counts.with_columns(pl.col("rows").cast(pl.Int64)),
+            invalid_examples=pl.concat(
+                [pl.DataFrame(schema=dict.fromkeys(_EXAMPLE_COLUMNS, pl.String)), *examples],
+                how="vertical_relaxed",
+            ),
+            duplicated_sessions=duplicated_sessions,
         )
     finally:
+        reader.close()
         con.close()
+
+
+_EXAMPLE_COLUMNS = ("source_table", "reason", "row_values")
 
 
 def quarantine_invalid_rows(
-    sources: SourceSnapshot, output_dir: Path, quality: QualitySettings
+    sources: Sources, output_dir: Path, quality: QualitySettings
 ) -> Path | None:
     """Write examples of unusable source rows to ``quarantine.csv``, warn, and fail the run
     instead when ``quality.fail_on_invalid_rows``. Returns the file, if there is one."""
@@ -210,6 +254,10 @@ def quarantine_invalid_rows(
 
 @task(name="read-source-tables", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def read_sources_task(
-    db_path: Path, max_examples: int, database: DatabaseSettings
-) -> SourceSnapshot:
-    return read_snapshot(db_path, max_examples, database.memory_limit)
+    db_path: Path,
+    start_date: date | None,
+    end_date: date | None,
+    max_examples: int,
+    database: DatabaseSettings,
+) -> Sources:
+    return read_sources(db_path, start_date, end_date, max_examples, database)

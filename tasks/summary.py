@@ -16,7 +16,7 @@ from tasks.attribution import AttributionOutcome
 from tasks.export import FAILED_CSV
 from tasks.journeys import JourneySet
 from tasks.persist import WriteOutcome
-from tasks.sources import SourceSnapshot
+from tasks.sources import Sources
 
 REPORT_ARTIFACT_KEY = "channel-report"
 SUMMARY_ARTIFACT_KEY = "attribution-run-summary"
@@ -136,7 +136,7 @@ def summarize(
     start: date | None,
     end: date | None,
     synthetic: bool,
-    sources: SourceSnapshot,
+    sources: Sources,
     journey_set: JourneySet,
     skipped: int,
     outcome: AttributionOutcome,

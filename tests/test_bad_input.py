@@ -11,7 +11,7 @@ import pytest
 
 from flows.attribution import attribution_flow
 from flows.cli import main
-from tasks.sources import read_snapshot
+from tasks.sources import read_sources
 from tests.helpers import build_db, table_rows
 
 FB = "FB & IG Ads"
@@ -70,7 +70,7 @@ EXPECTED_COUNTS = {
 
 
 def test_unusable_rows_are_excluded_counted_and_listed(dirty_db: Path) -> None:
-    snapshot = read_snapshot(dirty_db, max_examples=10)
+    snapshot = read_sources(dirty_db, None, None, max_examples=10)
     counts = {
         f"{r['source_table']}: {r['reason']}": r["rows"] for r in snapshot.invalid_counts.to_dicts()
     }

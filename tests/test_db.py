@@ -30,7 +30,11 @@ def test_original_schema_file_with_python_header_is_accepted(tmp_path: Path) -> 
     assert ORIGINAL_SCHEMA.read_text().startswith("# -*- coding")
     db = build_db(tmp_path / "a.db", [SESSION], [CONVERSION], [("s1", 1.0)])
     created = prepare_database(db, ORIGINAL_SCHEMA)
-    assert created == ["attribution_customer_journey", "channel_reporting"]
+    assert created == [
+        "table attribution_customer_journey",
+        "table channel_reporting",
+        "index idx_session_sources_user_id",  # session_id has the primary key's index
+    ]
     ddl = output_ddl(db)
     assert "PRIMARY KEY(conv_id, session_id)" in ddl["attribution_customer_journey"]
     assert "PRIMARY KEY(channel_name, date)" in ddl["channel_reporting"]
@@ -54,8 +58,17 @@ def test_clean_schema_file_is_accepted(tmp_path: Path) -> None:
         "attribution_customer_journey",
         "channel_reporting",
     }
-    db = build_db(tmp_path / "b.db", [SESSION], [CONVERSION])
-    assert prepare_database(db, clean) == ["attribution_customer_journey", "channel_reporting"]
+    db = build_db(tmp_path / "b.db", [SESSION], [CONVERSION], with_keys=False)
+    assert prepare_database(db, clean) == [
+        "table attribution_customer_journey",
+        "table channel_reporting",
+        "index idx_session_sources_user_id",
+        "index idx_session_sources_session_id",
+    ]
+    plans = sqlite3.connect(db).execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM session_sources WHERE user_id = 'u1'"
+    )
+    assert "USING INDEX idx_session_sources_user_id" in str(plans.fetchall())
 
 
 def test_missing_column_is_named(tmp_path: Path) -> None:

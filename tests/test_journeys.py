@@ -10,7 +10,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from tasks.journeys import JourneySet, build_journeys
-from tasks.sources import read_snapshot
+from tasks.sources import read_sources
 from tests.helpers import build_db
 
 D = "Direct Traffic"
@@ -26,7 +26,7 @@ def journeys_of(
     start: date | None = None,
     end: date | None = None,
 ) -> JourneySet:
-    snapshot = read_snapshot(db, 10)
+    snapshot = read_sources(db, None, None)
     return build_journeys(
         snapshot.sessions,
         snapshot.conversions,

@@ -10,10 +10,11 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from config.errors import ReconciliationError
 from tasks.db import prepare_database
 from tasks.export import export_report, read_channel_report
-from tasks.persist import ReconciliationError, write_results
-from tasks.sources import read_snapshot
+from tasks.persist import read_attribution, write_results
+from tasks.sources import read_sources
 from tests.helpers import ORIGINAL_SCHEMA, build_db, table_rows
 
 D = "Direct Traffic"
@@ -57,9 +58,8 @@ ATTRIBUTION = rows(
 
 
 def write(db: Path, new: pl.DataFrame, replace: list[str] | None = None):
-    snapshot = read_snapshot(db, 5)
     ids = pl.Series("conv_id", replace if replace is not None else new["conv_id"].unique())
-    return write_results(db, snapshot, new, ids)
+    return write_results(db, read_sources(db, None, None), read_attribution(db), new, ids)
 
 
 def test_report_counts_shared_session_cost_once_and_keeps_unattributed_spend(

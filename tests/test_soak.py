@@ -23,7 +23,7 @@ from tasks.ihc_server import ServerHandle
 from tasks.journeys import build_journeys
 from tasks.local_model import compute_ihc
 from tasks.sample_data import generate_sample_database
-from tasks.sources import read_journey_inputs
+from tasks.sources import read_sources
 from tests.helpers import ihc_server_process, table_rows
 from tests.pipeline_process import pipeline_env, run_pipeline, summary_counts
 
@@ -78,8 +78,8 @@ def test_every_conversion_ends_attributed_once_with_the_servers_values(
         ATTRIBUTION_API__BACKOFF_BASE_S="0.01",
         ATTRIBUTION_API__BACKOFF_MAX_S="1",
     )
-    sessions, conversions = read_journey_inputs(db)
-    journeys = build_journeys(sessions, conversions).journeys
+    sources = read_sources(db, None, None)
+    journeys = build_journeys(sources.sessions, sources.conversions).journeys
     everything = set(journeys["conversion_id"])
     assert len(everything) == 1940
 
@@ -174,8 +174,8 @@ def rss_kib() -> int:
 def test_the_api_client_does_not_grow_over_repeated_faulty_runs(
     source_db: Path, faulty_server_process: str, ihc_api_key: str
 ) -> None:
-    sessions, conversions = read_journey_inputs(source_db)
-    journeys = build_journeys(sessions, conversions).journeys
+    sources = read_sources(source_db, None, None)
+    journeys = build_journeys(sources.sessions, sources.conversions).journeys
     settings = ApiSettings(
         base_url=faulty_server_process,
         max_journeys_per_request=20,

@@ -10,8 +10,8 @@ WITH attributed AS (
         CAST(sum(CAST(a.ihc AS DECIMAL(38, 18))) AS DOUBLE) AS ihc,
         CAST(sum(CAST(a.ihc * c.revenue AS DECIMAL(38, 12))) AS DOUBLE) AS ihc_revenue
     FROM src.attribution_customer_journey AS a
-    JOIN snapshot_sessions AS s ON s.session_id = a.session_id
-    JOIN snapshot_conversions AS c ON c.conv_id = a.conv_id
+    JOIN report_sessions AS s ON s.session_id = a.session_id
+    JOIN usable_conversions AS c ON c.conv_id = a.conv_id
     GROUP BY s.channel_name, s.event_day
 )
 SELECT
@@ -20,6 +20,6 @@ SELECT
     coalesce(d.cost, 0.0) AS cost,
     coalesce(a.ihc, 0.0) AS ihc,
     coalesce(a.ihc_revenue, 0.0) AS ihc_revenue
-FROM snapshot_day_costs AS d
+FROM day_costs AS d
 FULL OUTER JOIN attributed AS a ON a.channel_name = d.channel_name AND a.date = d.date
 ORDER BY channel_name, date;

@@ -6,7 +6,7 @@ SELECT
     (SELECT count(DISTINCT conv_id) FROM src.attribution_customer_journey) AS attributed,
     (
         SELECT coalesce(sum(c.revenue), 0.0)
-        FROM snapshot_conversions AS c
+        FROM usable_conversions AS c
         SEMI JOIN src.attribution_customer_journey AS a ON a.conv_id = c.conv_id
     ) AS attributed_revenue,
     (
@@ -18,9 +18,9 @@ SELECT
     ) AS bad_sums,
     (
         SELECT count(*) FROM src.attribution_customer_journey AS a
-        ANTI JOIN snapshot_sessions AS s ON s.session_id = a.session_id
+        ANTI JOIN report_sessions AS s ON s.session_id = a.session_id
     ) AS unknown_sessions,
     (
         SELECT count(*) FROM src.attribution_customer_journey AS a
-        ANTI JOIN snapshot_conversions AS c ON c.conv_id = a.conv_id
+        ANTI JOIN usable_conversions AS c ON c.conv_id = a.conv_id
     ) AS unknown_conversions;

@@ -1,0 +1,7 @@
+-- Session ids found more than once in session_sources (only asked where no unique index
+-- rules that out): every copy is unusable.
+SELECT CAST(session_id AS VARCHAR) AS session_id
+FROM session_rows
+WHERE session_id IS NOT NULL
+GROUP BY ALL
+HAVING count(*) > 1;

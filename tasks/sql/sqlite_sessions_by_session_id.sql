@@ -1,0 +1,13 @@
+-- (SQLite) The session_sources rows with the ids in temp.lookup_keys, found through the
+-- index on session_id; every value as text, the checks parse them.
+SELECT
+    CAST(session_id AS TEXT),
+    CAST(user_id AS TEXT),
+    CAST(event_date AS TEXT),
+    CAST(event_time AS TEXT),
+    CAST(channel_name AS TEXT),
+    CAST(holder_engagement AS TEXT),
+    CAST(closer_engagement AS TEXT),
+    CAST(impression_interaction AS TEXT)
+FROM session_sources
+WHERE session_id IN (SELECT key FROM temp.lookup_keys);
