@@ -11,6 +11,8 @@ Converting users are built explicitly, journey by journey length, so the journey
 figures are exact rather than probable. Everyone else only browses: their user ids
 never convert. Randomness is a counter-based SplitMix64 evaluated as polars
 expressions, so the same seed gives the same rows on any machine and polars version.
+Being counter-based, it also lets the sessions be computed a chunk of rows at a time,
+in session-id order, so that memory stays bounded at any scale.
 
 Channel costs: Direct Traffic, Organic Traffic and Untracked Conversions never cost
 anything, Social Organic only on one day (a boosted post); Referral (partner
@@ -30,9 +32,10 @@ import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
+import duckdb
 import polars as pl
 
 from config.settings import PROJECT_ROOT, DatabaseSettings, SettingsError, load_settings
@@ -111,6 +114,8 @@ CHANNELS = (
 CHANNEL = pl.Enum([channel.name for channel in CHANNELS])
 
 SOURCE_TABLES = ("session_sources", "session_costs", "conversions")
+GENERATOR = "tasks.sample_data"  # as recorded in sample_data_info
+DEFAULT_CHUNK_SIZE = 1_000_000  # sessions computed and written at a time
 _INSERT = {
     "session_sources": "INSERT INTO src.session_sources BY NAME SELECT * FROM frame",
     "session_costs": "INSERT INTO src.session_costs BY NAME SELECT * FROM frame",
@@ -462,15 +467,20 @@ def _journey_engagement(sessions: pl.DataFrame, rng: _Random) -> pl.DataFrame:
     return sessions.with_columns(flags)
 
 
-def _browsing_sessions(count: int, users: int, rng: _Random) -> pl.DataFrame:
-    """Sessions of users who never convert; every channel-day gets at least one."""
+def _browsing_sessions(rows: pl.Series, users: int, rng: _Random) -> pl.DataFrame:
+    """Sessions ``rows`` (counted from 0) of users who never convert.
+
+    Each is a function of its row alone, so any subset can be built on its own. The first
+    rows visit each channel-day once: every channel-day gets at least one session.
+    """
     channel_days = _channel_days(journeys=False)
+    covering = channel_days["upper"] - 1
     row = pl.col("row")
-    frame = pl.select(pl.int_range(count, dtype=pl.Int64).alias("row"))
-    drawn = frame.select(rng.below("browse/channel", row, int(channel_days["upper"][-1])))
-    covering = channel_days["upper"] - 1  # the first sessions visit each channel-day once
-    target = pl.concat([covering, drawn.to_series().slice(covering.len())])
-    frame = _pick_channel(frame, channel_days, pl.lit(target))
+    frame = pl.DataFrame({"row": rows})
+    covered = covering.gather(rows.clip(upper_bound=covering.len() - 1))
+    drawn = rng.below("browse/channel", row, int(channel_days["upper"][-1]))
+    target = pl.when(row < covering.len()).then(pl.lit(covered)).otherwise(drawn)
+    frame = _pick_channel(frame, channel_days, target)
     # Mostly daytime traffic, some around the clock.
     daytime = rng.uniform("browse/daytime", row) < 0.85
     tod = (
@@ -496,9 +506,9 @@ def _euros(cents: pl.Expr) -> pl.Expr:
     return (cents / 100).round(2)
 
 
-def _costs(sessions: pl.DataFrame, rng: _Random, scale: float) -> pl.DataFrame:
-    """Spend per session: each paid channel's budget split to the cent, NULL or 0 elsewhere."""
-    budgets = pl.DataFrame(
+def _budgets(scale: float) -> pl.DataFrame:
+    """Each paid channel's budget in cents, on each of its days with spend."""
+    return pl.DataFrame(
         [
             (channel.name, day, round(channel.cost_cents * scale))
             for channel in CHANNELS
@@ -508,26 +518,54 @@ def _costs(sessions: pl.DataFrame, rng: _Random, scale: float) -> pl.DataFrame:
         schema={"channel_name": CHANNEL, "day": pl.Int64, "budget": pl.Int64},
         orient="row",
     )
-    row = pl.col("row")
-    frame = (
+
+
+def _priced(sessions: pl.DataFrame, rng: _Random, budgets: pl.DataFrame) -> pl.DataFrame:
+    """Sessions with their channel-day's budget (null: unpaid) and a random cost weight."""
+    return (
         sessions.select("session_id", "channel_name", "row", (pl.col("ts") // 86_400).alias("day"))
         .join(budgets, on=["channel_name", "day"], how="left", maintain_order="left")
-        .with_columns(pl.col("budget").is_not_null().alias("paid"))
+        .with_columns(
+            pl.col("budget").is_not_null().alias("paid"),
+            (0.25 + rng.uniform("cost/weight", pl.col("row"))).alias("weight"),
+        )
     )
-    # Cumulative rounding: each session gets its share rounded down or up, and every
-    # channel's sessions add up to its budget to the cent.
-    weight = 0.25 + rng.uniform("cost/weight", row)
-    reached = (pl.col("budget") * weight.cum_sum() / weight.sum()).over("channel_name", "paid")
-    frame = frame.with_columns(reached.round().alias("reached"))
-    previous = pl.col("reached").shift(1, fill_value=0).over("channel_name", "paid")
-    unpaid = pl.when(rng.uniform("cost/null", row) < 0.5).then(None).otherwise(0.0)
-    return frame.select(
+
+
+def _costs(
+    priced: pl.DataFrame, rng: _Random, running: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Spend per session: each paid channel's budget split to the cent, NULL or 0 elsewhere.
+
+    Cumulative rounding in key order: each session gets its share rounded down or up,
+    and every channel's sessions add up to its budget to the cent. ``priced`` carries
+    each channel's weight ``total`` over all its sessions; ``running`` holds, per paid
+    channel, the weight summed and the cents reached by the sessions before this chunk,
+    and is returned updated for the next one.
+    """
+    group = ("channel_name", "paid")
+    # The running rows lead their channels, so the cumulative sums carry on exactly where
+    # the previous chunk stopped.
+    frame = pl.concat([running, priced], how="diagonal").with_columns(
+        pl.col("weight").cum_sum().over(group)
+    )
+    # Times the reciprocal, as polars divides by a window sum: a true division would now
+    # and then round a share to the other cent.
+    share = pl.col("budget") * pl.col("weight") * (1 / pl.col("total"))
+    frame = frame.with_columns(pl.coalesce("reached", share.round()).alias("reached"))
+    step = pl.col("reached") - pl.col("reached").shift(1, fill_value=0).over(group)
+    unpaid = pl.when(rng.uniform("cost/null", pl.col("row")) < 0.5).then(None).otherwise(0.0)
+    costs = frame.with_columns(step.alias("step")).slice(running.height)
+    costs = costs.select(
         pl.col("session_id").cast(pl.String),
-        pl.when("paid")
-        .then(_euros((pl.col("reached") - previous).cast(pl.Int64)))
-        .otherwise(unpaid)
-        .alias("cost"),
+        pl.when("paid").then(_euros(pl.col("step").cast(pl.Int64))).otherwise(unpaid).alias("cost"),
     )
+    running = (
+        frame.filter("paid")
+        .select(running.columns)
+        .unique("channel_name", keep="last", maintain_order=True)
+    )
+    return costs, running
 
 
 def _revenue(plan: pl.DataFrame, rng: _Random) -> pl.DataFrame:
@@ -604,47 +642,85 @@ def _date_and_time(seconds: pl.Expr, prefix: str) -> list[pl.Expr]:
     ]
 
 
+_SESSION_COLUMNS = ("row", "user", "ts", "channel_name", "holder_engagement", "closer_engagement")
+
+
 @dataclass(frozen=True)
-class _Tables:
-    session_sources: pl.DataFrame
-    session_costs: pl.DataFrame
-    conversions: pl.DataFrame
-    journey_sessions: pl.DataFrame  # converting users' sessions, for the summary
-    plan: pl.DataFrame
-    users: int
+class _Sources:
+    """What every chunk of sessions is computed from.
+
+    Sessions are rows 0 … ``sessions`` - 1 of the row counter, converting users' first.
+    Those are few and built whole, since their draws depend on one another; every later
+    row is a function of the row alone.
+    """
+
+    rng: _Random
+    scale: float
+    impression_share: float
+    plan: pl.DataFrame  # one row per conversion
+    journey: pl.DataFrame  # converting users' sessions
+    sessions: int
+    converting_users: int
+    browsing_users: int
 
 
-def _build_tables(scale: float = 1.0, seed: int = 42, impression_share: float = 0.0) -> _Tables:
-    """The source tables as polars frames, rows in the order written, and what the
-    summary is computed from."""
+def _build_sources(scale: float, seed: int, impression_share: float) -> _Sources:
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive number, not {scale!r}")
     if not 0.0 <= impression_share <= 1.0:
         raise ValueError(f"impression_share must lie in [0, 1], not {impression_share!r}")
     rng = _Random(seed)
     plan = _revenue(_conversion_times(_conversion_plan(scale), rng), rng)
-    converting_users = int(plan["user"].max()) + 1
-
     journey = _journey_sessions(plan, rng)
     journey = _journey_engagement(_journey_channels(journey, rng), rng)
-    browsing_count = round(SESSIONS * scale) - journey.height
-    browsing_users = max(1, round(browsing_count / SESSIONS_PER_BROWSING_USER))
+    sessions = round(SESSIONS * scale)
+    browsing_count = sessions - journey.height
     if browsing_count < _channel_days(journeys=False).height:
         raise ValueError(f"scale {scale:g} is too small to give every channel-day a session")
-    browsing = _browsing_sessions(browsing_count, browsing_users, rng).with_columns(
-        pl.col("row") + journey.height, pl.col("user") + converting_users
+    return _Sources(
+        rng=rng,
+        scale=scale,
+        impression_share=impression_share,
+        plan=plan,
+        journey=journey.select(_SESSION_COLUMNS),
+        sessions=sessions,
+        converting_users=int(plan["user"].max()) + 1,
+        browsing_users=max(1, round(browsing_count / SESSIONS_PER_BROWSING_USER)),
     )
-    columns = ["row", "user", "ts", "channel_name", "holder_engagement", "closer_engagement"]
-    sessions = pl.concat([journey.select(columns), browsing.select(columns)])
+
+
+def _session_order(sources: _Sources) -> pl.Series:
+    """The row counter sorted by session id: the order the sessions are written in, so that
+    SQLite appends to its primary-key index."""
+    row = pl.int_range(sources.sessions, dtype=pl.Int64).alias("row")
+    by_id = sources.rng.ids("session", pl.col("row"))
+    # The streaming engine sorts in less memory than an in-memory arg_sort.
+    return pl.LazyFrame().select(row).sort(by_id).collect(engine="streaming")["row"]
+
+
+def _sessions(sources: _Sources, rows: pl.Series) -> pl.DataFrame:
+    """The sessions of ``rows`` (row counters), in session-id order."""
+    rng, first_browsing = sources.rng, sources.journey.height
+    journey = sources.journey.join(rows.to_frame("row"), on="row", how="semi")
+    browsing = _browsing_sessions(
+        rows.filter(rows >= first_browsing) - first_browsing, sources.browsing_users, rng
+    ).with_columns(pl.col("row") + first_browsing, pl.col("user") + sources.converting_users)
     row = pl.col("row")
-    sessions = sessions.with_columns(
-        rng.ids("session", row).alias("session_id"),
-        rng.ids("user", pl.col("user")).alias("user_id"),
-        (rng.uniform("impression", row) < impression_share)
-        .cast(pl.Int64)
-        .alias("impression_interaction"),
-    ).sort("session_id")  # key order: SQLite appends to its primary-key index
-    session_sources = sessions.select(
+    return (
+        pl.concat([journey, browsing.select(_SESSION_COLUMNS)])
+        .with_columns(
+            rng.ids("session", row).alias("session_id"),
+            rng.ids("user", pl.col("user")).alias("user_id"),
+            (rng.uniform("impression", row) < sources.impression_share)
+            .cast(pl.Int64)
+            .alias("impression_interaction"),
+        )
+        .sort("session_id")
+    )
+
+
+def _session_sources(sessions: pl.DataFrame) -> pl.DataFrame:
+    return sessions.select(
         pl.col("session_id").cast(pl.String),
         pl.col("user_id").cast(pl.String),
         *_date_and_time(pl.col("ts"), "event"),
@@ -653,8 +729,12 @@ def _build_tables(scale: float = 1.0, seed: int = 42, impression_share: float = 
         "closer_engagement",
         "impression_interaction",
     )
-    conversions = (
-        plan.select(
+
+
+def _conversions(sources: _Sources) -> pl.DataFrame:
+    rng = sources.rng
+    return (
+        sources.plan.select(
             rng.ids("conversion", pl.col("conv")).alias("conv_id"),
             rng.ids("user", pl.col("user")).cast(pl.String).alias("user_id"),
             *_date_and_time(pl.col("c"), "conv"),
@@ -663,20 +743,12 @@ def _build_tables(scale: float = 1.0, seed: int = 42, impression_share: float = 
         .sort("conv_id")
         .with_columns(pl.col("conv_id").cast(pl.String))
     )
-    return _Tables(
-        session_sources=session_sources,
-        session_costs=_costs(sessions, rng, scale),
-        conversions=conversions,
-        journey_sessions=journey.select("row", "user", "ts"),
-        plan=plan,
-        users=converting_users + browsing_users,
-    )
 
 
-def _journey_figures(tables: _Tables) -> dict[str, int]:
+def _journey_figures(sources: _Sources) -> dict[str, int]:
     """Journeys as the pipeline will build them, from the generated rows."""
-    pairs = tables.plan.select("conv", "user", "c").join(
-        tables.journey_sessions, on="user", how="inner"
+    pairs = sources.plan.select("conv", "user", "c").join(
+        sources.journey.select("row", "user", "ts"), on="user", how="inner"
     )
     strict = pairs.filter(pl.col("ts") < pl.col("c"))
     inclusive = pairs.filter(pl.col("ts") <= pl.col("c"))
@@ -690,24 +762,89 @@ def _journey_figures(tables: _Tables) -> dict[str, int]:
     }
 
 
-def _write(path: Path, ddl: dict[str, str], tables: _Tables) -> None:
+def _insert(duck: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame) -> None:
+    duck.register("frame", frame.to_arrow())
+    duck.execute(_INSERT[table])
+    duck.unregister("frame")
+
+
+def _write_session_sources(
+    duck: duckdb.DuckDBPyConnection,
+    sources: _Sources,
+    order: pl.Series,
+    chunk_size: int,
+    budgets: pl.DataFrame,
+) -> pl.DataFrame:
+    """Insert session_sources chunk by chunk; return each paid channel's weight total."""
+    paid = []
+    for start in range(0, order.len(), chunk_size):
+        sessions = _sessions(sources, order.slice(start, chunk_size))
+        _insert(duck, "session_sources", _session_sources(sessions))
+        priced = _priced(sessions, sources.rng, budgets)
+        paid.append(priced.filter("paid").select("channel_name", "weight"))
+    # The total is a window sum over the channel's weights in key order, which polars
+    # folds with Kahan summation; adding up per-chunk sums would round differently and
+    # move a cent here and there.
+    totals = pl.concat(paid).select(
+        "channel_name", pl.col("weight").sum().over("channel_name").alias("total")
+    )
+    return totals.unique("channel_name")
+
+
+def _write_session_costs(
+    duck: duckdb.DuckDBPyConnection,
+    sources: _Sources,
+    order: pl.Series,
+    chunk_size: int,
+    budgets: pl.DataFrame,
+) -> int:
+    """Insert session_costs chunk by chunk; return the total spend in cents."""
+    running = budgets.select(
+        pl.col("channel_name").unique(maintain_order=True),
+        pl.lit(True).alias("paid"),
+        pl.lit(0.0).alias("weight"),
+        pl.lit(0.0).alias("reached"),
+    )
+    cents = 0
+    for start in range(0, order.len(), chunk_size):
+        sessions = _sessions(sources, order.slice(start, chunk_size))
+        costs, running = _costs(_priced(sessions, sources.rng, budgets), sources.rng, running)
+        _insert(duck, "session_costs", costs)
+        cents += int(costs.select((pl.col("cost") * 100).round().sum()).item())
+    return cents
+
+
+def _write(
+    path: Path, ddl: dict[str, str], info: dict[str, str], sources: _Sources, chunk_size: int
+) -> int:
+    """Write the database; return the total spend in cents.
+
+    The sessions are computed twice, chunk by chunk in key order: a session's cost needs
+    its channel's weight total over all sessions, known only after the first pass.
+    """
     con = sqlite3.connect(path)
     try:
         with con:
             for table in SOURCE_TABLES:
                 con.execute(ddl[table])
+            con.execute("CREATE TABLE sample_data_info (key TEXT PRIMARY KEY, value TEXT)")
+            con.executemany("INSERT INTO sample_data_info VALUES (?, ?)", info.items())
     finally:
         con.close()
+    order = _session_order(sources)
+    budgets = _budgets(sources.scale)
     duck = connect(path)
     try:
-        duck.execute("BEGIN")
-        for table in SOURCE_TABLES:
-            duck.register("frame", getattr(tables, table).to_arrow())
-            duck.execute(_INSERT[table])
-            duck.unregister("frame")
-        duck.execute("COMMIT")
+        # Every insert commits on its own: within one transaction the SQLite scanner holds
+        # all pages written in memory. The file is still a temporary one, published only
+        # when complete, so nothing half-written is ever visible.
+        totals = _write_session_sources(duck, sources, order, chunk_size, budgets)
+        budgets = budgets.join(totals, on="channel_name", how="left")
+        cents = _write_session_costs(duck, sources, order, chunk_size, budgets)
+        _insert(duck, "conversions", _conversions(sources))
     finally:
         duck.close()
+    return cents
 
 
 def _publish(built: Path, path: Path) -> None:
@@ -736,49 +873,79 @@ def generate_sample_database(
     *,
     schema_path: Path | None = None,
     impression_share: float = 0.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> SampleSummary:
     """Write a new challenge-shaped SQLite database at ``path``.
 
-    Creates only the three source tables, with the DDL of ``schema_path`` (default:
-    the project's ``data/challenge_db_create.sql``); the pipeline creates its output
-    tables itself. Refuses to overwrite an existing file. The database is built in a
-    temporary file beside ``path`` and appears there only when complete.
+    Creates the three source tables, with the DDL of ``schema_path`` (default: the
+    project's ``data/challenge_db_create.sql``), and ``sample_data_info``, which marks the
+    file as synthetic (see ``is_synthetic``); the pipeline creates its output tables
+    itself. Refuses to overwrite an existing file. The database is built in a temporary
+    file beside ``path`` and appears there only when complete. Sessions are computed and
+    written ``chunk_size`` at a time, which bounds the memory; the rows do not depend on it.
     """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists; not overwriting it")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, not {chunk_size!r}")
     schema = schema_path or PROJECT_ROOT / DatabaseSettings().schema_path
     ddl = create_table_statements(schema)
     missing = [table for table in SOURCE_TABLES if table not in ddl]
     if missing:
         raise ValueError(f"schema file {schema} has no CREATE TABLE for {', '.join(missing)}")
-    tables = _build_tables(scale, seed, impression_share)
+    sources = _build_sources(scale, seed, impression_share)
+    info = {
+        "generator": GENERATOR,
+        "scale": str(scale),
+        "seed": str(seed),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Unique per run, and created by SQLite itself so that it gets the usual permissions.
     built = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        _write(built, ddl, tables)
+        cost_cents = _write(built, ddl, info, sources, chunk_size)
         _publish(built, path)
     finally:
         for leftover in (built, built.with_name(built.name + "-journal")):
             leftover.unlink(missing_ok=True)
 
-    cost_cents = tables.session_costs.select((pl.col("cost") * 100).round().sum()).item()
+    plan = sources.plan
     return SampleSummary(
         path=path,
         scale=scale,
         seed=seed,
-        sessions=tables.session_sources.height,
-        users=tables.users,
-        converting_users=int(tables.plan["user"].n_unique()),
-        conversions=tables.conversions.height,
-        **_journey_figures(tables),
-        total_cost=int(cost_cents) / 100,
-        attributable_revenue=round(
-            float(tables.plan.filter(pl.col("length") > 0)["revenue"].sum()), 2
-        ),
+        sessions=sources.sessions,
+        users=sources.converting_users + sources.browsing_users,
+        converting_users=int(plan["user"].n_unique()),
+        conversions=plan.height,
+        **_journey_figures(sources),
+        total_cost=cost_cents / 100,
+        attributable_revenue=round(float(plan.filter(pl.col("length") > 0)["revenue"].sum()), 2),
     )
+
+
+def is_synthetic(db_path: Path) -> bool:
+    """Whether this generator wrote ``db_path``, as its ``sample_data_info`` table says.
+
+    Reads through a read-only connection, so it never creates or changes the file; a
+    missing file or one that is not SQLite raises ``sqlite3.Error``.
+    """
+    con = sqlite3.connect(f"{Path(db_path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        table = con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sample_data_info'"
+        ).fetchone()
+        if table is None:
+            return False
+        generator = con.execute(
+            "SELECT value FROM sample_data_info WHERE key = 'generator'"
+        ).fetchone()
+    finally:
+        con.close()
+    return generator == (GENERATOR,)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -13,8 +13,14 @@ import pytest
 
 from tasks import sample_data
 from tasks.db import create_table_statements
-from tasks.sample_data import CHANNELS, SampleSummary, generate_sample_database, main
-from tests.helpers import ORIGINAL_SCHEMA, table_rows
+from tasks.sample_data import (
+    CHANNELS,
+    SampleSummary,
+    generate_sample_database,
+    is_synthetic,
+    main,
+)
+from tests.helpers import ORIGINAL_SCHEMA, build_db, table_rows
 
 SMALL = 0.05
 CHANNEL_NAMES = {
@@ -311,7 +317,10 @@ def test_costs_lie_only_on_paid_channels(any_db: Db) -> None:
 def test_schema_is_the_challenge_schema_without_output_tables(small: Db) -> None:
     expected = create_table_statements(ORIGINAL_SCHEMA)
     tables = dict(small.all("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
-    assert tables == {name: expected[name] for name in sample_data.SOURCE_TABLES}
+    assert tables == {
+        **{name: expected[name] for name in sample_data.SOURCE_TABLES},
+        "sample_data_info": "CREATE TABLE sample_data_info (key TEXT PRIMARY KEY, value TEXT)",
+    }
     kinds = small.one(
         "SELECT group_concat(DISTINCT typeof(session_id) || typeof(user_id)"
         " || typeof(event_date) || typeof(holder_engagement)) FROM session_sources"
@@ -332,6 +341,39 @@ def test_same_seed_gives_identical_rows_and_another_seed_other_rows(
     # Another seed changes the rows, not the published structure.
     assert other.journeys == small.summary.journeys
     assert other.shared_sessions == small.summary.shared_sessions
+
+
+def test_chunk_size_changes_nothing_in_the_rows_or_their_order(small: Db, tmp_path: Path) -> None:
+    # ``small`` fits in one chunk; here 23 chunks carry the cost shares across boundaries.
+    chunked = generate_sample_database(tmp_path / "chunked.db", scale=SMALL, chunk_size=1_000)
+    assert small.summary.sessions > 22 * 1_000
+    assert chunked == dataclasses.replace(small.summary, path=chunked.path)
+    for table in sample_data.SOURCE_TABLES:
+        assert table_rows(chunked.path, table) == table_rows(small.path, table)
+
+
+def test_generated_databases_are_marked_synthetic(small: Db, tmp_path: Path) -> None:
+    assert is_synthetic(small.path)
+    info = dict(small.all("SELECT key, value FROM sample_data_info"))
+    assert info.keys() == {"generator", "scale", "seed", "created_at"}
+    assert (info["generator"], float(info["scale"]), int(info["seed"])) == (
+        "tasks.sample_data",
+        SMALL,
+        42,
+    )
+    assert datetime.fromisoformat(info["created_at"]).utcoffset() == timedelta(0)
+
+    session = ("s1", "u1", "2023-09-01", "10:00:00", "Direct Traffic", 1, 0, 0)
+    conversion = ("c1", "u1", "2023-09-01", "11:00:00", 10.0)
+    # A name that a file: URI must escape.
+    real = build_db(tmp_path / "real #1?.db", [session], [conversion])
+    before = real.read_bytes()
+    assert not is_synthetic(real)
+    assert real.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real #1?.db"]
+    with pytest.raises(sqlite3.OperationalError):
+        is_synthetic(tmp_path / "missing.db")
+    assert not (tmp_path / "missing.db").exists()
 
 
 def test_refuses_to_overwrite_an_existing_file(tmp_path: Path) -> None:
@@ -367,6 +409,12 @@ def test_creates_missing_parent_directories(tmp_path: Path) -> None:
 def test_rejects_scales_that_cannot_hold_the_data(tmp_path: Path, scale: float) -> None:
     with pytest.raises(ValueError, match="scale"):
         generate_sample_database(tmp_path / "challenge.db", scale=scale)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rejects_an_empty_chunk(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        generate_sample_database(tmp_path / "challenge.db", scale=0.01, chunk_size=0)
     assert list(tmp_path.iterdir()) == []
 
 
