@@ -27,6 +27,7 @@ from config.errors import PipelineError
 from config.secrets import resolve_api_key
 from flows.parameters import IsoDate, Provider, WindowDays, parse_parameters
 from tasks.attribution import attribute, choose_provider, journeys_to_send
+from tasks.comparison import compare_models_task, report_header
 from tasks.db import ensure_database, prepare_database_task, run_lock, scratch_directory
 from tasks.export import export_report_task
 from tasks.journeys import build_journeys_task
@@ -92,6 +93,10 @@ def attribution_flow(
                 db, sources, attributed, outcome, journey_set, params.refresh, database
             )
         report, files = export_report_task(db, out, outcome.failed)
+        comparison = compare_models_task(
+            db, sources, journey_set, report, start, end, settings,
+            report_header(start, end, chosen, synthetic),
+        )  # fmt: skip
         summary = summarize(
             start=start,
             end=end,
@@ -102,7 +107,7 @@ def attribution_flow(
             outcome=outcome,
             written=written,
             report=report,
-            files=[*files, quarantine],
+            files=[*files, *comparison.files, quarantine],
         )
         publish_summary(summary, report)
         raise_for_failed_conversions(summary)

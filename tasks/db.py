@@ -116,6 +116,7 @@ def connect(
 def scratch_directory(database: DatabaseSettings) -> Iterator[Path]:
     """The run's folder for DuckDB's spilled data, removed when the run ends."""
     folder = database.temp_dir / f"run-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         yield folder
     finally:

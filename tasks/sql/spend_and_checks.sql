@@ -8,7 +8,7 @@ SELECT
     s.invalid_reason AS session_reason,
     CASE
         WHEN c.invalid_reason IS NOT NULL THEN c.invalid_reason
-        WHEN c.session_id IS NOT NULL AND s.present IS NULL AND d.session_id IS NULL
+        WHEN c.present AND s.present IS NULL AND NOT c.session_duplicated
             THEN 'cost without a session in session_sources'
     END AS cost_reason,
     count(s.present) AS sessions,
@@ -16,6 +16,5 @@ SELECT
     -- DECIMAL sums are exact: the same data gives the same report, whatever the threads.
     CAST(coalesce(sum(CAST(c.cost AS DECIMAL(38, 9))), 0) AS DOUBLE) AS cost
 FROM (SELECT *, true AS present FROM checked_sessions) AS s
-FULL JOIN (SELECT *, true AS present FROM checked_costs) AS c ON c.join_id = s.join_id
-LEFT JOIN duplicated_sessions AS d ON d.session_id = c.session_id
+FULL JOIN (SELECT *, true AS present FROM checked_costs) AS c ON c.join_key = s.join_key
 GROUP BY ALL;
