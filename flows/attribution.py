@@ -23,9 +23,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import State, flow, get_run_logger
 from prefect.states import Failed
 
-from config.errors import PipelineError
+from config.errors import AttributionRunError, ParameterError, PipelineError
 from config.secrets import resolve_api_key
-from flows.parameters import IsoDate, Provider, WindowDays, parse_parameters
+from flows.parameters import IsoDate, Provider, WindowDays, parse_parameters, run_name
 from tasks.attribution import attribute, choose_provider, journeys_to_send
 from tasks.comparison import compare_models_task, report_header
 from tasks.db import ensure_database, prepare_database_task, run_lock, scratch_directory
@@ -33,10 +33,25 @@ from tasks.export import export_report_task
 from tasks.journeys import build_journeys_task
 from tasks.persist import read_attribution_task, write_results_task
 from tasks.sources import quarantine_invalid_rows, read_sources_task
-from tasks.summary import publish_summary, raise_for_failed_conversions, summarize
+from tasks.summary import (
+    publish_failure,
+    publish_summary,
+    raise_for_failed_conversions,
+    summarize,
+)
 
 
-@flow(name="ihc-attribution", validate_parameters=True)
+def _run_name() -> str:
+    """What the run covers, e.g. "daily 2023-09-07" (runs with bad parameters say so)."""
+    from prefect.runtime import flow_run
+
+    try:
+        return run_name(parse_parameters(**flow_run.parameters))
+    except ParameterError:
+        return "invalid parameters"
+
+
+@flow(name="ihc-attribution", flow_run_name=_run_name, validate_parameters=True)
 def attribution_flow(
     start_date: IsoDate | None = None,
     end_date: IsoDate | None = None,
@@ -89,7 +104,7 @@ def attribution_flow(
             attributed = read_attribution_task(db)
             to_send, skipped = journeys_to_send(journey_set.journeys, attributed, params.refresh)
             outcome = attribute(to_send, chosen, settings.api, settings.local_model, api_key)
-            written = write_results_task(
+            write_results_task(
                 db, sources, attributed, outcome, journey_set, params.refresh, database
             )
         report, files = export_report_task(db, out, outcome.failed)
@@ -103,10 +118,11 @@ def attribution_flow(
             synthetic=synthetic,
             sources=sources,
             journey_set=journey_set,
+            attributed=attributed,
             skipped=skipped,
             outcome=outcome,
-            written=written,
             report=report,
+            comparison=comparison.frame,
             files=[*files, *comparison.files, quarantine],
         )
         publish_summary(summary, report)
@@ -116,4 +132,6 @@ def attribution_flow(
         # A failed run, not a crash: one log line, no traceback. The exception rides
         # along, so a direct call (the CLI) still raises it and maps it to an exit code.
         get_run_logger().error("%s", exc)
+        if not isinstance(exc, AttributionRunError):  # that one's summary is out already
+            publish_failure(exc)
         return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)

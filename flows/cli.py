@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from config.errors import DatabaseError, PipelineError
-from flows.parameters import parse_parameters
+from config.errors import DatabaseError, ParameterError, PipelineError
+from flows.parameters import parse_parameters, run_mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--refresh", action="store_true", help="recompute conversions that are already attributed"
     )
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild model_comparison.* and report.html from what is stored, attributing "
+        "nothing (takes --start-date/--end-date/--window-days, --db, --output-dir, --config)",
+    )
+    parser.add_argument(
         "--serve",
         action="store_true",
         help="serve the scheduled deployments with flow.serve (no work pool)",
@@ -51,28 +57,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check(values: dict[str, object]) -> None:
-    """What can be checked without Prefect: parameters, settings, an explicit database."""
+def check(values: dict[str, object]) -> list[str]:
+    """What can be checked without Prefect: parameters, settings, an explicit database.
+
+    Returns the run's tags: its mode and its provider setting.
+    """
     params = parse_parameters(**values)
     settings = params.settings()
     db = settings.database.path
     if params.db_path is not None and not db.exists():
         raise DatabaseError(f"database file not found: {db} (no sample data is made for it)")
+    return ["attribution", f"mode:{run_mode(params)}", f"provider:{settings.attribution.provider}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "serve" and v not in (None, False)}
+    options = ("serve", "report_only")
+    values = {k: v for k, v in vars(args).items() if k not in options and v not in (None, False)}
     try:
-        check(values)
+        if args.report_only and {"provider", "refresh"} & set(values):
+            raise ParameterError("--report-only attributes nothing: drop --provider/--refresh")
+        run_tags = check(values)
         if args.serve:
             from flows.serve import serve_deployments
 
             serve_deployments()
             return 0
+        from prefect import tags
+
+        if args.report_only:
+            from flows.report import report_flow
+
+            with tags("attribution", "mode:report"):
+                report_flow(**values)
+            return 0
         from flows.attribution import attribution_flow
 
-        attribution_flow(**values)
+        with tags(*run_tags):
+            attribution_flow(**values)
     except KeyboardInterrupt:
         print("attribution: interrupted", file=sys.stderr)
         return 130

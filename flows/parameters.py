@@ -11,7 +11,9 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -20,19 +22,22 @@ from config.settings import Settings, load_settings
 
 Provider = Literal["auto", "local", "api"]
 
-# Prefect 3.9 checks a deployment run's parameters against the flow's schema (types,
-# enums, bounds, patterns) when the run is created, but not JSON-schema formats: the
-# pattern makes the API refuse a malformed date (2023-13-01, 2023-02-30, 01.09.2023)
-# before a run exists. 29 February of a common year passes it and is refused by the
-# flow's own validation when the run starts.
-_ISO_DATE_PATTERN = (
-    r"^[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
-    r"|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-9]))$"
-)
+# The flow takes dates as text (the UI shows a date picker for the "date" format) and
+# checks them itself: Prefect would refuse a bad one with its schema's regular
+# expression, where the flow says what is wrong in a sentence.
 IsoDate = Annotated[
-    date, WithJsonSchema({"type": "string", "format": "date", "pattern": _ISO_DATE_PATTERN})
+    str, WithJsonSchema({"type": "string", "format": "date", "description": "YYYY-MM-DD"})
 ]
 WindowDays = Annotated[int, Field(ge=1, le=3660)]
+
+
+def _calendar_date(value: object, info: ValidationInfo) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        return date.fromisoformat(value) if len(value) == 10 else date.fromisoformat("x")
+    except ValueError:
+        raise ValueError(f"{info.field_name} {value} is not a calendar date (YYYY-MM-DD)") from None
 
 
 class RunParameters(BaseModel):
@@ -45,14 +50,16 @@ class RunParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    start_date: IsoDate | None = None
-    end_date: IsoDate | None = None
+    start_date: date | None = None
+    end_date: date | None = None
     window_days: WindowDays | None = None
     provider: Provider | None = None
     refresh: bool = False
     db_path: str | None = None
     output_dir: str | None = None
     config_path: str | None = None
+
+    _dates = field_validator("start_date", "end_date", mode="before")(_calendar_date)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunParameters:
@@ -81,14 +88,49 @@ class RunParameters(BaseModel):
         return load_settings(Path(self.config_path) if self.config_path else None, overrides)
 
 
+# Sentences for what pydantic reports in its own words.
+_EXPECTED = {
+    "window_days": "a whole number of days from 1 to 3660",
+    "provider": "one of auto, local, api",
+    "refresh": "true or false",
+}
+
+
+def _sentence(item: dict[str, Any]) -> str:
+    name = ".".join(str(part) for part in item["loc"])
+    if item["type"] == "value_error" or not name:
+        return str(item["msg"]).removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        return f"{name} is not a parameter of this flow"
+    expected = _EXPECTED.get(name, str(item["msg"]).lower())
+    return f"{name} {item.get('input')!r} is not valid: expected {expected}"
+
+
 def parse_parameters(**values: object) -> RunParameters:
-    """Validate raw parameters, raising ``ParameterError`` that names each bad one."""
+    """Validate raw parameters, raising ``ParameterError`` with a sentence per bad one."""
     try:
         return RunParameters.model_validate(values)
     except ValidationError as exc:
-        parts = []
-        for item in exc.errors():
-            name = ".".join(str(p) for p in item["loc"]) or "parameters"
-            message = item["msg"].removeprefix("Value error, ")
-            parts.append(f"{name}: {message}")
-        raise ParameterError("invalid parameters: " + "; ".join(parts)) from None
+        raise ParameterError("; ".join(map(_sentence, exc.errors()))) from None
+
+
+def run_mode(params: RunParameters) -> str:
+    """daily, last N days, backfill or all dates: what kind of run this is."""
+    if params.window_days == 1:
+        return "daily"
+    if params.window_days is not None:
+        return f"last {params.window_days} days"
+    return "backfill" if params.start_date or params.end_date else "all dates"
+
+
+def run_name(params: RunParameters, today: date | None = None) -> str:
+    """The flow run's name: what it covers, e.g. "daily 2023-09-07" or "all dates"."""
+    mode = run_mode(params)
+    start, end = params.date_range(today)
+    if start is None and end is None:
+        name = mode
+    elif start == end:
+        name = f"{mode} {start}"
+    else:
+        name = f"{mode} {start or 'first'}..{end or 'last'}"
+    return f"{name} (refresh)" if params.refresh else name

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from config.settings import PROJECT_ROOT
+from flows.runs import ensure_zombie_automation
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -111,4 +112,6 @@ def serve_deployments(path: Path = PREFECT_YAML) -> None:
     os.chdir(PROJECT_ROOT)
     deployments = served_deployments(path)
     check_not_deployed_to_a_pool(deployments)
+    # Runs whose process is killed end Crashed, not Running forever (flows/runs.py).
+    ensure_zombie_automation()
     serve(*deployments, limit=SERVE_LIMIT)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 
+import duckdb
 import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -73,13 +75,21 @@ def compare(
     try:
         nulls = pl.DataFrame(schema={"path": pl.List(pl.String), "nulls": pl.Int64})
         if models.enabled and "markov" in models.include:
-            nulls = null_paths(
+            read_nulls = partial(
+                null_paths,
                 con,
                 start_date=start,
                 end_date=end,
                 converting_users=last_conversion_times(sources.conversions),
                 duplicated_sessions=sources.duplicated_sessions,
             )
+            try:
+                nulls = read_nulls()
+            except duckdb.Error:
+                # Values of the wrong storage class (text in an INTEGER column): read
+                # every column as text; the checks leave such rows out.
+                con.execute("SET sqlite_all_varchar = true")
+                nulls = read_nulls()
         con.register("compared_conversions", journeys.select("conversion_id").unique())
         ihc_rows = con.execute(sql("ihc_rows")).pl()
     finally:

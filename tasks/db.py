@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 import duckdb
@@ -21,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from config.errors import DatabaseError, RunLockedError
 from config.settings import DatabaseSettings, Settings
+from flows.runs import LockHolder, crash_abandoned_run
 
 SOURCE_ALIAS = "src"
 SQL_DIR = Path(__file__).parent / "sql"
@@ -131,15 +133,24 @@ def sqlite_reader(db_path: Path) -> sqlite3.Connection:
 
 @contextmanager
 def run_lock(db_path: Path, timeout_s: float = 0.0) -> Iterator[None]:
-    """Hold an exclusive lock on ``<db>.lock`` so two runs never write one database."""
+    """Hold an exclusive lock on ``<db>.lock`` so two runs never write one database.
+
+    The file names the holder (flow run, process id) while it holds the lock and is
+    emptied when it lets go. The OS releases the lock of a process that dies, killed or
+    not, but nobody empties the file: a holder named there when the lock is taken died
+    holding it, and its flow run is set Crashed if it still shows as running
+    (``flows.runs.crash_abandoned_run``).
+    """
     lock_path = db_path.with_name(db_path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     handle = lock_path.open("a+")
     deadline = time.monotonic() + timeout_s
+    locked = False
     try:
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
@@ -148,9 +159,23 @@ def run_lock(db_path: Path, timeout_s: float = 0.0) -> Iterator[None]:
                         "wait for it to finish or raise database.lock_timeout_s"
                     ) from None
                 time.sleep(0.2)
+        handle.seek(0)
+        abandoned = LockHolder.parse(handle.read())
+        holder = LockHolder.this_process()
+        _name_lock_holder(handle, holder.dumps())
+        if abandoned is not None:
+            crash_abandoned_run(abandoned, found_by=holder, db=db_path)
         yield
     finally:
+        if locked:
+            _name_lock_holder(handle, "")
         handle.close()
+
+
+def _name_lock_holder(handle: IO[str], text: str) -> None:
+    handle.truncate(0)  # "a+": the next write goes to the end, now the start
+    handle.write(text)
+    handle.flush()
 
 
 def _table_columns(con: sqlite3.Connection) -> dict[str, set[str]]:
@@ -263,18 +288,27 @@ def create_table_statements(schema_path: Path) -> dict[str, str]:
 
 
 def ensure_database(settings: Settings, *, explicit: bool) -> bool:
-    """Create sample data when the configured database is missing; True if it did.
+    """Create sample data when the configured database is missing; whether the database
+    holds synthetic sample data (made now or by an earlier run), said loudly each run.
 
     A path given explicitly (``--db``, the ``db_path`` parameter) must exist: a typo
     there should fail, not quietly produce a report on synthetic data.
     """
+    from tasks.sample_data import generate_sample_database, is_synthetic
+
     db = settings.database.path
     if db.exists():
+        check_sqlite_file(db)
+        if is_synthetic(db):
+            get_run_logger().warning(
+                "The database at %s holds SYNTHETIC sample data (made by tasks.sample_data): "
+                "the report below is NOT based on real data.",
+                db,
+            )
+            return True
         return False
     if explicit:
         raise DatabaseError(f"database file not found: {db} (no sample data is made for it)")
-    from tasks.sample_data import generate_sample_database
-
     sample = settings.sample_data
     get_run_logger().warning(
         "No database at %s: generating SYNTHETIC sample data (scale %s, seed %s). "

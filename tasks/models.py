@@ -461,6 +461,8 @@ def compare_models(
     channels = sorted(
         set(costs["channel_name"].to_list()) | set(distinct["path"].explode().to_list())
     )
+    if not channels:  # no spend and no session in the range: nothing to compare
+        return pl.DataFrame(schema=COMPARISON_SCHEMA)
     paths = _encode(distinct, channels)
     path_index = per_conversion.join(
         distinct.select("path").with_row_index("path_index"), on="path"

@@ -53,6 +53,7 @@ USABLE_SESSIONS = (
     "impression_interaction",
 )
 _ID_SCHEMA = pl.Schema({"session_id": pl.String})
+_DAY_COSTS = pl.Schema({"channel_name": pl.String, "date": pl.Date, "cost": pl.Float64})
 
 
 def conversions_in_range(
@@ -107,15 +108,13 @@ def _typed_or_text(
 ) -> pl.DataFrame:
     """The result of ``query``; if a value of the wrong storage class (text in an INTEGER
     column) breaks DuckDB's typed scan, of the query reading every column as text, so the
-    bad values are reported as unusable rows instead of stopping the run."""
+    bad values are reported as unusable rows instead of stopping the run. Once switched,
+    the connection goes on reading text."""
     try:
         return con.execute(query, parameters).pl()
     except duckdb.Error:
         con.execute("SET sqlite_all_varchar = true")
-        try:
-            return con.execute(query, parameters).pl()
-        finally:
-            con.execute("SET sqlite_all_varchar = false")
+        return con.execute(query, parameters).pl()
 
 
 def _duplicates(
@@ -176,35 +175,55 @@ def read_sessions_by_id(
         reader.close()
 
 
+def _spend_pass(
+    con: duckdb.DuckDBPyConnection, max_examples: int
+) -> tuple[pl.DataFrame, pl.DataFrame, list[pl.DataFrame]]:
+    """(spend per channel-day, unusable session and cost rows per reason, examples)."""
+    con.execute(sql("check_sessions"))
+    con.execute(sql("check_costs"))
+    con.register("spend_pass", _typed_or_text(con, sql("spend_and_checks")))
+    counts = con.execute(sql("session_and_cost_checks")).pl()
+    examples = (
+        [_typed_or_text(con, sql("session_and_cost_examples"), [max_examples])]
+        if counts.height
+        else []
+    )
+    return con.execute(sql("day_costs")).pl(), counts, examples
+
+
 def read_sources(
     db_path: Path,
     start_date: date | None,
     end_date: date | None,
     max_examples: int = 20,
     database: DatabaseSettings | None = None,
+    *,
+    spend: bool = True,
 ) -> Sources:
-    """Check every source row, sum the spend, and read the sessions of the run's users."""
+    """Check every source row, sum the spend, and read the sessions of the run's users.
+
+    Without ``spend`` (a report rebuilt from what is stored), the aggregate pass over
+    every session and cost is left out: no spend, no session or cost checks.
+    """
     con = connect(db_path, read_only=True, database=database)
     reader = sqlite_reader(db_path)
     try:
         conversions, conversion_counts, conversion_examples = _read_conversions(con, max_examples)
         con.execute(sql("source_views"))
         duplicated_sessions = _duplicates(con, reader, "session_sources", "duplicated_sessions")
-        duplicated_costs = _duplicates(con, reader, "session_costs", "duplicated_costs")
         con.register("duplicated_sessions", duplicated_sessions)
-        con.register("duplicated_costs", duplicated_costs)
-        con.execute(sql("check_sessions"))
-        con.execute(sql("check_costs"))
-        passed = _typed_or_text(con, sql("spend_and_checks"))
-        con.register("spend_pass", passed)
-        day_costs = con.execute(sql("day_costs")).pl()
-        counts = pl.concat(
-            [conversion_counts, con.execute(sql("session_and_cost_checks")).pl()],
-            how="vertical_relaxed",
-        ).sort("source_table", "reason")
-        examples = [conversion_examples] if conversion_examples is not None else []
-        if counts.height > conversion_counts.height:
-            examples.append(_typed_or_text(con, sql("session_and_cost_examples"), [max_examples]))
+        con.register(
+            "duplicated_costs", _duplicates(con, reader, "session_costs", "duplicated_costs")
+        )
+        day_costs = pl.DataFrame(
+            schema={"channel_name": pl.String, "date": pl.Date, "cost": pl.Float64}
+        )
+        counts, examples = conversion_counts, []
+        if spend:
+            day_costs, session_counts, examples = _spend_pass(con, max_examples)
+            counts = pl.concat([counts, session_counts], how="vertical_relaxed")
+        if conversion_examples is not None:
+            examples.insert(0, conversion_examples)
         in_range = conversions_in_range(conversions, start_date, end_date)
         rows = lookup_session_rows(reader, "user_id", in_range["user_id"].unique().to_list())
         sessions = check_session_rows(con, rows, duplicated_sessions)
@@ -213,7 +232,9 @@ def read_sources(
             sessions=sessions.sort("user_id", "ts", "session_id"),
             day_costs=day_costs,
             total_cost=float(day_costs["cost"].sum()),
-            invalid_counts=counts.with_columns(pl.col("rows").cast(pl.Int64)),
+            invalid_counts=counts.with_columns(pl.col("rows").cast(pl.Int64)).sort(
+                "source_table", "reason"
+            ),
             invalid_examples=pl.concat(
                 [pl.DataFrame(schema=dict.fromkeys(_EXAMPLE_COLUMNS, pl.String)), *examples],
                 how="vertical_relaxed",
@@ -259,5 +280,6 @@ def read_sources_task(
     end_date: date | None,
     max_examples: int,
     database: DatabaseSettings,
+    spend: bool = True,
 ) -> Sources:
-    return read_sources(db_path, start_date, end_date, max_examples, database)
+    return read_sources(db_path, start_date, end_date, max_examples, database, spend=spend)

@@ -1,4 +1,10 @@
-"""The run summary: counts and totals for the log and the Prefect UI."""
+"""The run summary: counts and totals for the log, and a page that explains itself in the UI.
+
+The summary sets the run's range (conversion dates) beside the whole report (every
+session date with spend or attribution): report dates are session dates, so a run of
+one day's conversions changes report rows of earlier days too, and the report always
+holds every date.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,39 @@ import polars as pl
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from config.errors import AttributionRunError
+from config.errors import AttributionRunError, PipelineError
 from tasks.attribution import AttributionOutcome
 from tasks.export import FAILED_CSV
 from tasks.journeys import JourneySet
-from tasks.persist import WriteOutcome
 from tasks.sources import Sources
 
 REPORT_ARTIFACT_KEY = "channel-report"
 SUMMARY_ARTIFACT_KEY = "attribution-run-summary"
+# Channels named in the summary as the models' largest disagreements.
+DISAGREEMENTS_SHOWN = 3
+
+
+def eur(value: float | None) -> str:
+    return "n/a" if value is None else f"€{value:,.2f}"
+
+
+def number(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
 
 
 @dataclass
 class RunSummary:
+    """What a run did. Figures named ``total_*``, ``attributed_revenue`` and ``overall_*``
+    are the whole report's; ``range_*`` the conversions of the run's range."""
+
     start_date: str | None
     end_date: str | None
     provider: str
@@ -42,26 +68,33 @@ class RunSummary:
     retries: int = 0
     cache_hits: int = 0
     invalid_rows: dict[str, int] = field(default_factory=dict)
-    rows_written: int = 0
+    range_attributed_conversions: int = 0
+    range_attributed_revenue: float = 0.0
     report_rows_exported: int = 0
+    report_first_date: str | None = None
+    report_last_date: str | None = None
     total_cost: float = 0.0
     total_ihc: float = 0.0
     attributed_revenue: float = 0.0
     overall_cpo: float | None = None
     overall_roas: float | None = None
-    best_channels: list[dict[str, Any]] = field(default_factory=list)
-    worst_channels: list[dict[str, Any]] = field(default_factory=list)
+    channels: list[dict[str, Any]] = field(default_factory=list)
+    model_disagreements: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def range_text(self) -> str:
+        if self.start_date is None and self.end_date is None:
+            return "all conversion dates"
+        return f"conversion dates {self.start_date or 'first'} to {self.end_date or 'last'}"
+
     def log_lines(self) -> list[str]:
-        cpo = "n/a" if self.overall_cpo is None else f"{self.overall_cpo:,.2f}"
-        roas = "n/a" if self.overall_roas is None else f"{self.overall_roas:,.4f}"
         lines = [
-            f"range {self.start_date or 'start'} .. {self.end_date or 'end'}, "
-            f"provider {self.provider}",
+            f"Run of {self.range_text}, provider {self.provider}"
+            + (", SYNTHETIC sample data" if self.synthetic_data else ""),
             f"conversions in range {self.conversions_in_range}: with journey "
             f"{self.conversions_with_journey} ({self.journey_sessions} sessions), "
             f"without journey (unattributed) {self.unattributed_no_journey}, "
@@ -69,8 +102,10 @@ class RunSummary:
             f"sent {self.sent_conversions}, attributed {self.attributed_conversions}, "
             f"failed {self.failed_conversions}, truncated journeys {self.truncated_journeys}, "
             f"requests {self.requests}, retries {self.retries}",
-            f"report: cost {self.total_cost:,.2f} EUR, ihc {self.total_ihc:,.4f}, "
-            f"attributed revenue {self.attributed_revenue:,.2f} EUR, CPO {cpo}, ROAS {roas}",
+            f"whole report ({self.report_rows_exported} channel-days): spend "
+            f"{eur(self.total_cost)}, attributed orders {number(self.total_ihc)}, attributed "
+            f"revenue {eur(self.attributed_revenue)}, CPO {eur(self.overall_cpo)}, "
+            f"ROAS {number(self.overall_roas, 2)}",
         ]
         if self.failure_reasons:
             lines.append(f"failure reasons: {self.failure_reasons}")
@@ -79,56 +114,129 @@ class RunSummary:
         return lines
 
     def to_markdown(self) -> str:
-        def money(value: float | None) -> str:
-            return "—" if value is None else f"{value:,.2f}"
-
-        def ratio(value: float | None) -> str:
-            return "—" if value is None else f"{value:,.4f}"
-
-        rows = [
-            ("Range (conversion dates)", f"{self.start_date or '—'} … {self.end_date or '—'}"),
-            ("Provider", self.provider),
-            ("Synthetic sample data", "yes" if self.synthetic_data else "no"),
-            ("Conversions in range", self.conversions_in_range),
-            ("Conversions with a journey", self.conversions_with_journey),
-            ("Journey sessions", self.journey_sessions),
-            ("Unattributed (no session before the conversion)", self.unattributed_no_journey),
-            ("Already attributed, not sent again", self.already_attributed_skipped),
-            ("Sent for attribution", self.sent_conversions),
-            ("Attributed in this run", self.attributed_conversions),
-            ("Failed conversions", self.failed_conversions),
-            ("Truncated journeys", self.truncated_journeys),
-            (
-                "API requests / retries / cache hits",
-                f"{self.requests} / {self.retries} / {self.cache_hits}",
-            ),
-            ("Total cost (EUR)", money(self.total_cost)),
-            ("Attributed conversions (Σ ihc)", ratio(self.total_ihc)),
-            ("Attributed revenue (EUR)", money(self.attributed_revenue)),
-            ("Overall CPO (EUR)", money(self.overall_cpo)),
-            ("Overall ROAS", ratio(self.overall_roas)),
-        ]
-        out = ["# Attribution run summary", "", "| | |", "|---|---|"]
-        out += [f"| {name} | {value} |" for name, value in rows]
-        if self.failure_reasons:
-            out += ["", "## Failed conversions", "", "| reason | conversions |", "|---|---|"]
-            out += [f"| {k} | {v} |" for k, v in sorted(self.failure_reasons.items())]
-        if self.invalid_rows:
-            out += ["", "## Excluded source rows", "", "| table: reason | rows |", "|---|---|"]
-            out += [f"| {k} | {v} |" for k, v in sorted(self.invalid_rows.items())]
-        for title, channels in (
-            ("Best channels by ROAS", self.best_channels),
-            ("Worst channels by ROAS", self.worst_channels),
-        ):
-            out += ["", f"## {title}", "", "| channel | cost | ihc | revenue | ROAS |"]
-            out += ["|---|---|---|---|---|"]
+        out = [f"# Attribution run: {self.range_text}", ""]
+        if self.synthetic_data:
+            out += ["> **SYNTHETIC sample data**: this report is not based on real data.", ""]
+        if self.conversions_in_range == 0:
+            out += ["> **No conversions in this range**: nothing was attributed.", ""]
+        failed_file = next((f for f in self.files if f.endswith(FAILED_CSV)), None)
+        if self.failed_conversions and failed_file:
             out += [
-                f"| {c['channel_name']} | {money(c['cost'])} | {ratio(c['ihc'])} | "
-                f"{money(c['ihc_revenue'])} | {ratio(c['roas'])} |"
-                for c in channels
+                f"> **The run failed**: {self.failed_conversions:,} conversion(s) could not be "
+                f"attributed; they are listed in [{FAILED_CSV}]({_link(failed_file)}) "
+                "and sent again by the next run. The rest was written.",
+                "",
             ]
-        out += ["", "## Files", ""] + [f"- `{f}`" for f in self.files]
+        api = f"{self.requests} / {self.retries} / {self.cache_hits}"
+        out += [
+            f"## This run: {self.range_text}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| Conversions in the range | {self.conversions_in_range:,} |",
+            f"| … with a journey | {self.conversions_with_journey:,} "
+            f"({self.journey_sessions:,} sessions) |",
+            f"| … without a session before them (unattributed) | "
+            f"{self.unattributed_no_journey:,} |",
+            f"| Already attributed, not sent again | {self.already_attributed_skipped:,} |",
+            f"| Attributed in this run | {self.attributed_conversions:,} "
+            f"({self.provider} provider) |",
+            f"| Failed (sent again by the next run) | {self.failed_conversions:,} |",
+            f"| Journeys cut to their most recent sessions | {self.truncated_journeys:,} |",
+            f"| IHC API requests / retries / cache hits | {api} |",
+            f"| Conversions of the range attributed now | "
+            f"{self.range_attributed_conversions:,}, revenue "
+            f"{eur(self.range_attributed_revenue)} |",
+            "",
+            f"## The whole report: session dates {self.report_first_date or 'n/a'} to "
+            f"{self.report_last_date or 'n/a'}",
+            "",
+            "The exported report always holds every channel and day. Its dates are the "
+            "sessions' dates: a conversion's journey reaches back to earlier days, so this "
+            "run's range and the report's dates differ, and the report's totals include "
+            "every conversion attributed so far.",
+            "",
+            "| Spend | Attributed orders | Attributed revenue | CPO | ROAS |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {eur(self.total_cost)} | {number(self.total_ihc)} | "
+            f"{eur(self.attributed_revenue)} | {eur(self.overall_cpo)} | "
+            f"{number(self.overall_roas, 2)} |",
+            "",
+            "### Channels, by spend",
+            "",
+            "| Channel | Spend | Attributed orders | Attributed revenue | CPO | ROAS |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        out += [
+            f"| {c['channel_name']} | {eur(c['cost'])} | {number(c['ihc'])} | "
+            f"{eur(c['ihc_revenue'])} | {eur(c['cpo'])} | {number(c['roas'], 2)} |"
+            for c in self.channels
+        ]
+        html = next((f for f in self.files if f.endswith(".html")), None)
+        if self.model_disagreements or html:
+            out += ["", "## Other attribution models", ""]
+            if self.model_disagreements:
+                out += [
+                    "Where the models disagree most on a channel's share of the range's "
+                    "conversions:",
+                    "",
+                    *[f"- {line}" for line in self.model_disagreements],
+                    "",
+                ]
+            if html:
+                out += [
+                    f"Charts and every model's shares with intervals: [report.html]({_link(html)})"
+                ]
+        if self.failure_reasons:
+            out += ["", "## Failed conversions", "", "| Reason | Conversions |", "|---|---:|"]
+            out += [f"| {k} | {v:,} |" for k, v in sorted(self.failure_reasons.items())]
+        if self.invalid_rows:
+            out += ["", "## Excluded source rows", "", "| Table: reason | Rows |", "|---|---:|"]
+            out += [f"| {k} | {v:,} |" for k, v in sorted(self.invalid_rows.items())]
+        out += ["", "## Files", ""] + [f"- [{Path(f).name}]({_link(f)}): `{f}`" for f in self.files]
         return "\n".join(out) + "\n"
+
+
+def _link(path: str) -> str:
+    return Path(path).resolve().as_uri()
+
+
+def channel_totals(report: pl.DataFrame) -> pl.DataFrame:
+    """The report per channel, sorted by spend: cost, ihc, ihc_revenue, cpo, roas."""
+    return (
+        report.group_by("channel_name")
+        .agg(pl.col("cost", "ihc", "ihc_revenue").sum())
+        .with_columns(
+            cpo=pl.when(pl.col("ihc") != 0).then(pl.col("cost") / pl.col("ihc")),
+            roas=pl.when(pl.col("cost") != 0).then(pl.col("ihc_revenue") / pl.col("cost")),
+        )
+        .sort(["cost", "channel_name"], descending=[True, False])
+    )
+
+
+def model_disagreements(comparison: pl.DataFrame, shown: int = DISAGREEMENTS_SHOWN) -> list[str]:
+    """The channels whose share differs most between models, as sentences."""
+    if comparison.is_empty():
+        return []
+    spread = (
+        comparison.group_by("channel_name")
+        .agg(
+            low=pl.col("share").min(),
+            low_model=pl.col("model").sort_by("share").first(),
+            high=pl.col("share").max(),
+            high_model=pl.col("model").sort_by("share").last(),
+            ihc=pl.col("share").filter(pl.col("model") == "ihc").first(),
+        )
+        .with_columns(gap=pl.col("high") - pl.col("low"))
+        .filter(pl.col("gap") > 0)
+        .sort(["gap", "channel_name"], descending=[True, False])
+        .head(shown)
+    )
+    return [
+        f"**{row['channel_name']}**: {percent(row['low'])} ({row['low_model']}) to "
+        f"{percent(row['high'])} ({row['high_model']}); IHC {percent(row['ihc'])}"
+        for row in spread.to_dicts()
+    ]
 
 
 def summarize(
@@ -138,13 +246,25 @@ def summarize(
     synthetic: bool,
     sources: Sources,
     journey_set: JourneySet,
+    attributed: pl.DataFrame,
     skipped: int,
     outcome: AttributionOutcome,
-    written: WriteOutcome,
     report: pl.DataFrame,
+    comparison: pl.DataFrame,
     files: list[Path | None],
 ) -> RunSummary:
-    """The run summary from the stages' outcomes, logged line by line."""
+    """The run summary from the stages' outcomes, logged line by line.
+
+    ``attributed`` holds the attribution rows written before this run.
+    """
+    done_now = pl.concat(
+        [attributed["conv_id"], outcome.results["conversion_id"].alias("conv_id")]
+    ).unique()
+    range_done = journey_set.conversions_in_range.filter(
+        pl.col("conv_id").is_in(done_now.implode())
+    )
+    cost, ihc = float(report["cost"].sum()), float(report["ihc"].sum())
+    revenue = float(report["ihc_revenue"].sum())
     summary = RunSummary(
         start_date=start.isoformat() if start else None,
         end_date=end.isoformat() if end else None,
@@ -164,36 +284,26 @@ def summarize(
         retries=outcome.retries,
         cache_hits=outcome.cache_hits,
         invalid_rows=sources.invalid_row_counts(),
-        rows_written=written.rows_written,
+        range_attributed_conversions=range_done.height,
+        range_attributed_revenue=float(range_done["revenue"].sum()),
+        report_rows_exported=report.height,
+        report_first_date=str(report["date"].min()) if report.height else None,
+        report_last_date=str(report["date"].max()) if report.height else None,
+        total_cost=cost,
+        total_ihc=ihc,
+        attributed_revenue=revenue,
+        overall_cpo=_ratio(cost, ihc),
+        overall_roas=_ratio(revenue, cost),
+        channels=channel_totals(report).to_dicts(),
+        model_disagreements=model_disagreements(comparison),
         files=[str(path) for path in files if path is not None],
     )
-    _add_report_totals(summary, report)
     logger = get_run_logger()
     for line in summary.log_lines():
         logger.info(line)
+    if summary.conversions_in_range == 0:
+        logger.warning("No conversions in the range (%s): nothing to attribute", summary.range_text)
     return summary
-
-
-def _add_report_totals(summary: RunSummary, report: pl.DataFrame) -> None:
-    """Totals, overall CPO/ROAS and the three best and worst channels by ROAS."""
-    cost = float(report["cost"].sum())
-    ihc = float(report["ihc"].sum())
-    revenue = float(report["ihc_revenue"].sum())
-    summary.report_rows_exported = report.height
-    summary.total_cost = cost
-    summary.total_ihc = ihc
-    summary.attributed_revenue = revenue
-    summary.overall_cpo = cost / ihc if ihc else None
-    summary.overall_roas = revenue / cost if cost else None
-    per_channel = (
-        report.group_by("channel_name")
-        .agg(pl.col("cost", "ihc", "ihc_revenue").sum())
-        .filter(pl.col("cost") > 0)
-        .with_columns(roas=pl.col("ihc_revenue") / pl.col("cost"))
-        .sort(["roas", "channel_name"], descending=[True, False])
-    )
-    summary.best_channels = per_channel.head(3).to_dicts()
-    summary.worst_channels = per_channel.reverse().head(3).to_dicts()
 
 
 def report_table(report: pl.DataFrame) -> list[dict[str, Any]]:
@@ -212,12 +322,26 @@ def publish_summary(summary: RunSummary, report: pl.DataFrame) -> None:
     create_table_artifact(
         key=REPORT_ARTIFACT_KEY,
         table=report_table(report),
-        description="channel_reporting with CPO and ROAS",
+        description="channel_reporting with CPO and ROAS, every channel and day",
     )
     create_markdown_artifact(
         key=SUMMARY_ARTIFACT_KEY,
         markdown=summary.to_markdown(),
         description="What this attribution run did",
+    )
+
+
+def publish_failure(error: PipelineError) -> None:
+    """The summary of a run that stopped for a known reason before its own summary."""
+    create_markdown_artifact(
+        key=SUMMARY_ARTIFACT_KEY,
+        markdown=(
+            "# Attribution run failed\n\n"
+            f"**{type(error).__name__}**: {error}\n\n"
+            "The run stopped before its summary: the database and the report files are as "
+            "the last run that wrote them left them.\n"
+        ),
+        description="Why this attribution run failed",
     )
 
 

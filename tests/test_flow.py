@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
+from config.settings import PROJECT_ROOT
 from flows.attribution import attribution_flow
 from flows.cli import main
 from tasks.sample_data import generate_sample_database
@@ -234,3 +239,127 @@ def test_missing_configured_database_is_created_with_synthetic_data(
     assert summary["attributed_conversions"] > 0
     assert "SYNTHETIC sample data" in caplog.text
     assert (tmp_path / "out" / "channel_reporting.csv").exists()
+    # Every later run on that database says so too, not only the one that made it.
+    caplog.clear()
+    again = attribution_flow(output_dir=str(tmp_path / "out"), provider="local")
+    assert again["synthetic_data"] is True
+    assert again["attributed_conversions"] == 0
+    assert "holds SYNTHETIC sample data" in caplog.text
+    assert again["files"] and (tmp_path / "out" / "report.html").exists()
+
+
+def test_a_hand_made_database_is_not_called_synthetic(known_db: Path, tmp_path: Path) -> None:
+    summary = attribution_flow(db_path=str(known_db), output_dir=str(tmp_path), provider="local")
+    assert summary["synthetic_data"] is False
+
+
+def test_report_files_get_the_usual_permissions(
+    known_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    previous = os.umask(0o022)
+    try:
+        attribution_flow(db_path=str(known_db), output_dir=str(out), provider="local")
+    finally:
+        os.umask(previous)
+    written = sorted(path.name for path in out.iterdir())
+    assert {"channel_reporting.csv", "channel_reporting.parquet", "report.html"} <= set(written)
+    # As a plain open() under umask 022 makes them: readable by other users and BI tools.
+    assert {oct(stat.S_IMODE((out / name).stat().st_mode)) for name in written} == {"0o644"}
+
+
+def test_a_missing_database_is_reported_before_prefect_starts(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.db"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.attribution", "--db", str(missing)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        check=False,
+    )
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"attribution: database file not found: {missing} (no sample data is made for it)"
+    )
+    assert "Starting temporary server" not in result.stdout + result.stderr
+    assert elapsed < 2.0
+    assert not missing.exists()
+
+
+def test_runs_are_named_after_what_they_cover_and_tagged(known_db: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    out = str(tmp_path / "out")
+    args = ["--db", str(known_db), "--output-dir", out, "--provider", "local"]
+    assert main([*args, "--start-date", "2023-09-02", "--end-date", "2023-09-03"]) == 0
+    assert main([*args, "--start-date", "2023-09-02", "--end-date", "2023-09-02"]) == 0
+    assert main([*args, "--refresh"]) == 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=3)
+    assert [(run.name, sorted(run.tags)) for run in runs] == [
+        ("all dates (refresh)", ["attribution", "mode:all dates", "provider:local"]),
+        ("backfill 2023-09-02", ["attribution", "mode:backfill", "provider:local"]),
+        ("backfill 2023-09-02..2023-09-03", ["attribution", "mode:backfill", "provider:local"]),
+    ]
+
+
+def test_bad_dates_are_refused_in_a_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--start-date", "2023-02-30"]) == 2
+    assert capsys.readouterr().err == (
+        "attribution: start_date 2023-02-30 is not a calendar date (YYYY-MM-DD)\n"
+    )
+    assert main(["--window-days", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "attribution: window_days '0' is not valid: expected a whole number of days "
+        "from 1 to 3660\n"
+    )
+
+
+def test_report_only_rebuilds_the_comparison_and_page_without_attributing(
+    known_db: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["--db", str(known_db), "--output-dir", str(out)]
+    assert main([*args, "--provider", "local", "--start-date", "2023-09-02"]) == 0
+    first = pl.read_csv(out / "model_comparison.csv")
+    tables = {
+        t: table_rows(known_db, t) for t in ("attribution_customer_journey", "channel_reporting")
+    }
+    for name in ("model_comparison.csv", "model_comparison.parquet", "report.html"):
+        (out / name).unlink()
+    assert main([*args, "--report-only", "--start-date", "2023-09-02"]) == 0
+    assert_frame_equal(pl.read_csv(out / "model_comparison.csv"), first)
+    assert "Spend and attributed revenue per channel" in (out / "report.html").read_text()
+    assert {t: table_rows(known_db, t) for t in tables} == tables
+    # One conversion per journey, one session each: every model gives FB and Direct one each.
+    ihc = first.filter(pl.col("model") == "ihc").sort("channel_name")
+    assert ihc.select("channel_name", "conversions").rows() == [(D, 1.0), (FB, 1.0)]
+    assert main([*args, "--report-only", "--refresh"]) == 2
+
+
+def test_a_failed_run_publishes_why_in_its_summary(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    missing = tmp_path / "missing.db"
+    state = attribution_flow(db_path=str(missing), return_state=True)
+    assert state.is_failed()
+    assert state.message == (
+        f"DatabaseError: database file not found: {missing} (no sample data is made for it)"
+    )
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (summary,) = artifacts
+    assert summary.key == "attribution-run-summary"
+    assert summary.task_run_id is None
+    assert summary.data.startswith("# Attribution run failed")
+    assert f"**DatabaseError**: database file not found: {missing}" in summary.data

@@ -7,6 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 
 from config.errors import AttributionRunError
 from flows.attribution import attribution_flow
@@ -69,11 +75,25 @@ def test_partial_failures_fail_the_run_and_the_next_run_completes_the_rest(
     db = tmp_path / "partial.db"
     shutil.copy(sample_db, db)
     api_env(partial_failure_rate=0.3, seed=5)
+    state = attribution_flow(db_path=str(db), output_dir=str(tmp_path / "o"), return_state=True)
+    assert state.is_failed()
     with pytest.raises(AttributionRunError, match=r"conversion\(s\) failed"):
-        attribution_flow(db_path=str(db), output_dir=str(tmp_path / "o"))
+        state.result()
     failed_file = tmp_path / "o" / "failed_conversions.csv"
     failed_ids = [line.split(",")[0] for line in failed_file.read_text().splitlines()[1:]]
     assert failed_ids
+    # The run's summary says so, with a link to the file.
+    with get_client(sync_client=True) as client:
+        (summary,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["attribution-run-summary"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
+    assert (
+        f"> **The run failed**: {len(failed_ids):,} conversion(s) could not be attributed; "
+        f"they are listed in [failed_conversions.csv]({failed_file.resolve().as_uri()})"
+    ) in summary.data
     attributed = {row[0] for row in table_rows(db, "attribution_customer_journey")}
     assert attributed.isdisjoint(failed_ids)
 

@@ -443,3 +443,28 @@ def test_write_comparison(tmp_path: Path) -> None:
         "model_comparison.csv",
         "model_comparison.parquet",
     ]
+
+
+def test_a_range_without_sessions_or_spend_compares_nothing() -> None:
+    journeys = pl.DataFrame(
+        schema={
+            "conversion_id": pl.String,
+            "session_id": pl.String,
+            "timestamp": pl.Datetime("us"),
+            "channel_label": pl.String,
+            "revenue": pl.Float64,
+            "conversion_timestamp": pl.Datetime("us"),
+        }
+    )
+    ihc = pl.DataFrame(
+        schema={"conversion_id": pl.String, "session_id": pl.String, "ihc": pl.Float64}
+    )
+    nulls = pl.DataFrame(schema={"path": pl.List(pl.String), "nulls": pl.Int64})
+    no_costs = pl.DataFrame(schema={"channel_name": pl.String, "cost": pl.Float64})
+    assert compare_models(journeys, ihc, nulls, no_costs, ModelsSettings()).is_empty()
+    # Spend without conversions: every model gives every channel 0, shares unknown.
+    costs = pl.DataFrame({"channel_name": ["A", "B"], "cost": [1.0, 2.0]})
+    frame = compare_models(journeys, ihc, nulls, costs, ModelsSettings())
+    assert frame["conversions"].to_list() == [0.0] * frame.height
+    assert frame["share"].null_count() == frame.height
+    assert frame["cpo"].null_count() == frame.height
