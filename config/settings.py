@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -59,12 +60,23 @@ ProjectPath = Annotated[
 ]
 
 
+_BYTES = {
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}  # fmt: skip
+
+
 class DatabaseSettings(_Section):
     path: ProjectPath = Path("data/challenge.db")
     schema_path: ProjectPath = Path("data/challenge_db_create.sql")
     lock_timeout_s: float = Field(0.0, ge=0)
     memory_limit: str = Field("1GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     temp_dir: ProjectPath = Path("output/.tmp")
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        number, unit = re.fullmatch(r"([0-9.]+)\s*(\w+)", self.memory_limit).groups()  # type: ignore[union-attr]
+        return int(float(number) * _BYTES[unit])
 
 
 class OutputSettings(_Section):

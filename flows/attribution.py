@@ -25,7 +25,15 @@ from prefect.states import Failed
 
 from config.errors import AttributionRunError, ParameterError, PipelineError
 from config.secrets import resolve_api_key
-from flows.parameters import IsoDate, Provider, WindowDays, parse_parameters, run_name
+from flows.parameters import (
+    IsoDate,
+    Provider,
+    WindowDays,
+    parse_parameters,
+    run_mode,
+    run_name,
+)
+from flows.runs import tag_flow_run
 from tasks.attribution import attribute, choose_provider, journeys_to_send
 from tasks.comparison import compare_models_task, report_header
 from tasks.db import ensure_database, prepare_database_task, run_lock, scratch_directory
@@ -93,6 +101,7 @@ def attribution_flow(
         start, end = params.date_range()
         api_key = resolve_api_key()
         chosen = choose_provider(settings.attribution.provider, api_key)
+        tag_flow_run("attribution", f"mode:{run_mode(params)}", f"provider:{chosen}")
         db, out = settings.database.path, settings.output.dir
         synthetic = ensure_database(settings, explicit=params.db_path is not None)
         database = settings.database

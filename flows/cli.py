@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from config.errors import DatabaseError, ParameterError, PipelineError
-from flows.parameters import parse_parameters, run_mode
+from flows.parameters import parse_parameters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,17 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check(values: dict[str, object]) -> list[str]:
-    """What can be checked without Prefect: parameters, settings, an explicit database.
-
-    Returns the run's tags: its mode and its provider setting.
-    """
+def check(values: dict[str, object]) -> None:
+    """What can be checked without Prefect: parameters, settings, an explicit database."""
     params = parse_parameters(**values)
     settings = params.settings()
     db = settings.database.path
     if params.db_path is not None and not db.exists():
         raise DatabaseError(f"database file not found: {db} (no sample data is made for it)")
-    return ["attribution", f"mode:{run_mode(params)}", f"provider:{settings.attribution.provider}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,23 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.report_only and {"provider", "refresh"} & set(values):
             raise ParameterError("--report-only attributes nothing: drop --provider/--refresh")
-        run_tags = check(values)
+        check(values)
         if args.serve:
             from flows.serve import serve_deployments
 
             serve_deployments()
-            return 0
-        from prefect import tags
-
-        if args.report_only:
+        elif args.report_only:
             from flows.report import report_flow
 
-            with tags("attribution", "mode:report"):
-                report_flow(**values)
-            return 0
-        from flows.attribution import attribution_flow
+            report_flow(**values)
+        else:
+            from flows.attribution import attribution_flow
 
-        with tags(*run_tags):
             attribution_flow(**values)
     except KeyboardInterrupt:
         print("attribution: interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ from prefect.states import Failed
 
 from config.errors import DatabaseError, PipelineError
 from flows.parameters import IsoDate, WindowDays, parse_parameters, run_name
+from flows.runs import tag_flow_run
 from tasks.comparison import compare_models_task, report_header
 from tasks.db import prepare_database_task, run_lock, scratch_directory
 from tasks.export import read_channel_report
@@ -54,6 +55,7 @@ def report_flow(
         )
         settings = params.settings()
         start, end = params.date_range()
+        tag_flow_run("attribution", "mode:report")
         db, database = settings.database.path, settings.database
         if not db.exists():
             raise DatabaseError(f"database file not found: {db}")

@@ -122,6 +122,25 @@ def crash_abandoned_run(abandoned: LockHolder, found_by: LockHolder, db: Path) -
     return marked
 
 
+def tag_flow_run(*tags: str) -> None:
+    """Add ``tags`` to the current flow run, for the UI's filters.
+
+    On the run itself rather than through ``prefect.tags()``: tags in that context also
+    go to every task run, and Prefect then asks its API for a tag concurrency slot
+    around each task.
+    """
+    from prefect import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    run = context.flow_run
+    merged = sorted({*(run.tags or []), *tags})
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, tags=merged)
+
+
 def zombie_automation(after: timedelta = ZOMBIE_AFTER) -> Automation:
     """Crash a run of this flow whose last heartbeat had no successor within ``after``.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -188,9 +189,10 @@ def attribute_with_api_task(
             last_update = now
             _show_progress(progress_artifact, event.percent)
 
-    api = attribute_journeys(
-        journeys, settings, api_key, cache=ResultStoreBatchCache(), on_progress=show, log=logger
-    )
+    cache = ResultStoreBatchCache()
+    if pruned := cache.prune():
+        logger.info("IHC API batch cache: %d expired answer(s) deleted", pruned)
+    api = attribute_journeys(journeys, settings, api_key, cache=cache, on_progress=show, log=logger)
     stats = api.stats
     logger.info(
         "IHC API done: %d conversions in %d batches, %d requests, %d retries %s, "
@@ -239,6 +241,28 @@ class ResultStoreBatchCache:
             store = store.model_copy(update={"result_storage": storage})
         self._store = store
         self._ttl = ttl
+
+    def prune(self) -> int:
+        """Delete the expired entries of local result storage; returns how many.
+
+        Prefect treats an expired record as missing but leaves its file: without this the
+        cache would grow by every batch ever answered. Remote storage (a block) keeps its
+        own lifecycle rules.
+        """
+        from prefect.filesystems import LocalFileSystem
+
+        storage = self._store.result_storage
+        if self._ttl is None or not isinstance(storage, LocalFileSystem):
+            return 0
+        oldest = time.time() - self._ttl.total_seconds()
+        expired = [
+            entry
+            for entry in Path(storage.basepath).expanduser().glob(f"{self.prefix}*")
+            if entry.stat().st_mtime < oldest
+        ]
+        for entry in expired:
+            entry.unlink(missing_ok=True)
+        return len(expired)
 
     async def get(self, key: str) -> pl.DataFrame | None:
         try:

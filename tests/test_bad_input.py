@@ -160,3 +160,16 @@ def test_hostile_date_parameter_is_rejected_before_any_work(
     assert "start_date" in capsys.readouterr().err
     after = sqlite3.connect(db).execute("SELECT count(*) FROM sqlite_master").fetchone()
     assert after == before
+
+
+def test_the_spend_pass_in_parts_counts_the_same(
+    dirty_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large tables are read in several passes (by a hash of session_id): same figures."""
+    whole = read_sources(dirty_db, None, None, max_examples=10)
+    # Few rows, yet as if each took the memory of a million: one pass per session or so.
+    monkeypatch.setattr("tasks.sources.JOIN_BYTES_PER_SESSION", 10**9 // 4)
+    parts = read_sources(dirty_db, None, None, max_examples=10)
+    assert parts.invalid_row_counts() == whole.invalid_row_counts() == EXPECTED_COUNTS
+    assert parts.day_costs.equals(whole.day_costs)
+    assert parts.total_cost == whole.total_cost == 4.0

@@ -347,7 +347,7 @@ def test_a_daily_run_keeps_the_whole_report_in_the_exported_files(
     assert flow_run.state.type == StateType.COMPLETED, worker.stdout + worker.stderr
     yesterday = datetime.now(UTC).date() - timedelta(days=1)
     assert flow_run.name == f"daily {yesterday}"
-    assert sorted(flow_run.tags) == ["attribution", "mode:daily"]
+    assert sorted(flow_run.tags) == ["attribution", "mode:daily", "provider:local"]
     assert (out / REPORT_CSV).read_text() == before
     assert "No conversions in the range" in worker.stdout + worker.stderr
     summary = next(

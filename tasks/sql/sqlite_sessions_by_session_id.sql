@@ -10,4 +10,9 @@ SELECT
     CAST(closer_engagement AS TEXT),
     CAST(impression_interaction AS TEXT)
 FROM session_sources
-WHERE session_id IN (SELECT key FROM temp.lookup_keys);
+-- Rows fetched in rowid order: the table's pages are then read front to back.
+WHERE rowid IN (
+    SELECT rowid FROM session_sources
+    WHERE session_id IN (SELECT key FROM temp.lookup_keys)
+    ORDER BY rowid
+);
