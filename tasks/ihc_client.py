@@ -244,7 +244,7 @@ class _Run:
             sessions_sent=packed.sessions.height,
         )
         self.started = time.perf_counter()
-        # Validated rows with their place in ``packed.sessions`` (``_row``), per batch.
+        # Validated rows, per batch.
         self.results: list[pl.DataFrame] = []
         self.failed: list[pl.DataFrame] = [packed.failed]
         self._not_before = 0.0  # loop time before which no request goes out (429)
@@ -274,16 +274,13 @@ class _Run:
     async def _batch(self, client: httpx.AsyncClient, index: int) -> None:
         start, end = self.packed.bounds[index]
         sessions = self.packed.sessions.slice(start, end - start)
-        sent = sessions.select(
-            pl.col("conversion_id", "session_id").cast(pl.String),
-            _row=pl.int_range(start, end, dtype=pl.Int64),
-        )
+        sent = sessions.select(pl.col("conversion_id", "session_id").cast(pl.String))
         body = request_body(sessions, self.redistribution)
         key = cache_key(self.settings, body) if self.cache is not None else ""
         cached = await self._cached(key)
         if cached is not None:
             self.stats.cache_hits += 1
-            self.results.append(cached.join(sent, on=["conversion_id", "session_id"]))
+            self.results.append(cached)
         else:
             try:
                 answer = await self._send(client, body)
@@ -295,29 +292,30 @@ class _Run:
 
     async def _accept(self, sent: pl.DataFrame, answer: Answer, key: str) -> None:
         """Keep the answer's valid conversions, fail the rest, cache a clean batch."""
-        partial = pl.DataFrame(answer.failures, schema=FAILED_SCHEMA, orient="row").join(
-            sent, on="conversion_id", how="semi"
-        )
-        expected = sent.join(partial, on="conversion_id", how="anti")
         results = answer.results
-        ours = results.join(expected, on="conversion_id", how="semi")
-        if ours.height < results.height:
-            self.log.warning(
-                "IHC API returned %d row(s) for conversions not asked about; ignored",
-                results.height - ours.height,
+        failed = check_results(sent, results)
+        if failed.height or answer.failures:
+            batch = sent.select("conversion_id").unique()
+            foreign = results.join(batch, on="conversion_id", how="anti").height
+            if foreign:
+                self.log.warning(
+                    "IHC API returned %d row(s) for conversions not asked about; ignored",
+                    foreign,
+                )
+            # The server's own reason first, for conversions it says it could not do; the
+            # rows of failed and foreign conversions are not kept.
+            partial = pl.DataFrame(answer.failures, schema=FAILED_SCHEMA, orient="row")
+            failed = pl.concat([partial, failed])
+            results = results.join(failed, on="conversion_id", how="anti")
+            failed = failed.join(batch, on="conversion_id", how="semi").unique(
+                "conversion_id", keep="first", maintain_order=True
             )
-        failed = pl.concat([partial, check_results(expected, ours)]).unique(
-            "conversion_id", keep="first", maintain_order=True
-        )
-        good = ours.join(failed, on="conversion_id", how="anti").join(
-            expected, on=["conversion_id", "session_id"]
-        )
-        self.results.append(good)
+        self.results.append(results)
         if failed.height:
             self.failed.append(failed)
             self.stats.failed_conversions += failed.height
         else:
-            await self._remember(key, good)
+            await self._remember(key, results)
 
     def _fail(self, sent: pl.DataFrame, reason: str) -> None:
         failed = sent.select(
@@ -445,8 +443,13 @@ class _Run:
 
     def outcome(self) -> ApiAttribution:
         """Results in the journeys' session order; failures by conversion_id."""
+        # Each answer's rows in the order sent, by one join for the whole run.
+        order = self.packed.sessions.select(
+            pl.col("conversion_id", "session_id").cast(pl.String), _row=pl.int_range(pl.len())
+        )
         results = (
-            pl.concat([pl.DataFrame(schema={**RESULT_SCHEMA, "_row": pl.Int64}), *self.results])
+            pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *self.results])
+            .join(order, on=["conversion_id", "session_id"])
             .sort("_row")
             .drop("_row")
         )
