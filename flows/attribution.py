@@ -87,16 +87,7 @@ def attribution_flow(
         config_path: Settings YAML. Empty: config/config.yaml.
     """
     try:
-        params = parse_parameters(
-            start_date=start_date,
-            end_date=end_date,
-            window_days=window_days,
-            provider=provider,
-            refresh=refresh,
-            db_path=db_path,
-            output_dir=output_dir,
-            config_path=config_path,
-        )
+        params = parse_parameters(**locals())  # the flow's parameters, nothing else yet
         settings = params.settings()
         start, end = params.date_range()
         api_key = resolve_api_key()

@@ -56,7 +56,8 @@ def channel_costs(report: pl.DataFrame, start: date | None, end: date | None) ->
     return in_range.group_by("channel_name").agg(pl.col("cost").sum()).sort("channel_name")
 
 
-def compare(
+@task(name="compare-models-and-write-html-report", cache_policy=NO_CACHE)
+def compare_models_task(
     db_path: Path,
     sources: Sources,
     journey_set: JourneySet,
@@ -64,11 +65,13 @@ def compare(
     start: date | None,
     end: date | None,
     settings: Settings,
-) -> pl.DataFrame:
-    """``tasks.models.compare_models`` on the range's journeys and what is stored."""
-    from tasks.models import compare_models
+    title_info: dict[str, object],
+) -> Comparison:
+    from tasks.models import compare_models, write_comparison
     from tasks.paths import last_conversion_times, null_paths
+    from tasks.report_html import write_html_report
 
+    started = time.perf_counter()
     models = settings.models
     journeys = journey_set.journeys
     con = connect(db_path, read_only=True, database=settings.database)
@@ -94,25 +97,8 @@ def compare(
         ihc_rows = con.execute(sql("ihc_rows")).pl()
     finally:
         con.close()
-    return compare_models(journeys, ihc_rows, nulls, channel_costs(report, start, end), models)
-
-
-@task(name="compare-models-and-write-html-report", cache_policy=NO_CACHE)
-def compare_models_task(
-    db_path: Path,
-    sources: Sources,
-    journey_set: JourneySet,
-    report: pl.DataFrame,
-    start: date | None,
-    end: date | None,
-    settings: Settings,
-    title_info: dict[str, object],
-) -> Comparison:
-    from tasks.models import write_comparison
-    from tasks.report_html import write_html_report
-
-    started = time.perf_counter()
-    frame = compare(db_path, sources, journey_set, report, start, end, settings)
+    costs = channel_costs(report, start, end)
+    frame = compare_models(journeys, ihc_rows, nulls, costs, models)
     out = settings.output.dir
     files = write_comparison(frame, out) if frame.height else []
     files.append(write_html_report(report, frame, out / REPORT_HTML, title_info=title_info))

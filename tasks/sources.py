@@ -30,29 +30,9 @@ from prefect.cache_policies import NO_CACHE
 
 from config.errors import InvalidSourceRows
 from config.settings import DatabaseSettings, QualitySettings
-from tasks.db import connect, sql, sqlite_reader
+from tasks.db import SOURCE_COLUMNS, connect, sql, sqlite_reader
 
-SESSION_COLUMNS = (
-    "session_id",
-    "user_id",
-    "event_date",
-    "event_time",
-    "channel_name",
-    "holder_engagement",
-    "closer_engagement",
-    "impression_interaction",
-)
-# The usable sessions' columns, as the journey builder takes them.
-USABLE_SESSIONS = (
-    "session_id",
-    "user_id",
-    "ts",
-    "event_day",
-    "channel_name",
-    "holder_engagement",
-    "closer_engagement",
-    "impression_interaction",
-)
+SESSION_COLUMNS = SOURCE_COLUMNS["session_sources"]
 _ID_SCHEMA = pl.Schema({"session_id": pl.String})
 # What a session costs the spend join in DuckDB, about (measured at scale 100: 45 M
 # sessions in one pass under a 1 GB limit spilled 3.8 GB, in two passes 1.5 GB).
@@ -159,7 +139,7 @@ def lookup_session_rows(
     reader.execute("CREATE TEMP TABLE IF NOT EXISTS lookup_keys (key TEXT PRIMARY KEY)")
     reader.execute("DELETE FROM lookup_keys")
     reader.executemany("INSERT OR IGNORE INTO lookup_keys VALUES (?)", ((key,) for key in keys))
-    rows = reader.execute(sql(f"sqlite_sessions_by_{column}")).fetchall()
+    rows = reader.execute(sql("sqlite_sessions_by_key"), {"column": column}).fetchall()
     return pl.DataFrame(
         rows, schema=dict.fromkeys(SESSION_COLUMNS, pl.String), orient="row", strict=False
     )
