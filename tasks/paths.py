@@ -77,7 +77,7 @@ def null_paths(
     con.register(
         "duplicated_sessions", duplicated if duplicated_sessions is None else duplicated_sessions
     )
-    con.execute(sql("source_views"))
+    con.execute(sql("source_views").format(passes=1, part=0))
     con.execute(sql("check_sessions"))
     con.register(CONVERTING_USERS_VIEW, converting_users.select("user_id", "last_conversion_ts"))
     counted = pl.DataFrame(schema={"path": PATH_TYPE, "nulls": pl.Int64})

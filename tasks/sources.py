@@ -159,6 +159,12 @@ def read_sessions_by_id(
         reader.close()
 
 
+def _source_views(con: duckdb.DuckDBPyConnection, passes: int = 1, part: int = 0) -> None:
+    """Point the checks at every source row, or at part ``part`` of ``passes``."""
+    # Two integers of ours go in as literals (see source_views.sql).
+    con.execute(sql("source_views").format(passes=int(passes), part=int(part)))
+
+
 def spend_passes(reader: sqlite3.Connection, memory_limit_bytes: int) -> int:
     """How many passes the spend join needs so each holds about ``memory_limit`` (about
     ``JOIN_BYTES_PER_SESSION`` per session); the rowid bound is read without a scan."""
@@ -170,15 +176,13 @@ def _spend_pass(
     con: duckdb.DuckDBPyConnection, max_examples: int, passes: int
 ) -> tuple[pl.DataFrame, pl.DataFrame, list[pl.DataFrame]]:
     """(spend per channel-day, unusable session and cost rows per reason, examples)."""
-    con.execute("SET VARIABLE passes = ?", [passes])
     parts = []
     for part in range(passes):
-        con.execute("SET VARIABLE pass = ?", [part])
+        _source_views(con, passes, part)
         con.execute(sql("check_sessions"))
         con.execute(sql("check_costs"))
         parts.append(_typed_or_text(con, sql("spend_and_checks")))
-    con.execute("SET VARIABLE passes = 1")
-    con.execute("SET VARIABLE pass = 0")
+    _source_views(con)
     con.register("spend_pass", pl.concat(parts))
     counts = con.execute(sql("session_and_cost_checks")).pl()
     examples = (
@@ -207,7 +211,7 @@ def read_sources(
     reader = sqlite_reader(db_path)
     try:
         conversions, conversion_counts, conversion_examples = _read_conversions(con, max_examples)
-        con.execute(sql("source_views"))
+        _source_views(con)
         duplicated_sessions = _duplicates(con, reader, "session_sources", "duplicated_sessions")
         con.register("duplicated_sessions", duplicated_sessions)
         con.register(
