@@ -102,6 +102,7 @@ def connect(
         config["memory_limit"] = database.memory_limit
         config["temp_directory"] = str(database.temp_dir / f"run-{os.getpid()}")
     con = duckdb.connect(config=config)
+    con.execute("SET enable_progress_bar = false")  # it would draw on the terminal
     try:
         con.load_extension(str(sqlite_extension_path()))
         mode = ", READ_ONLY" if read_only else ""
