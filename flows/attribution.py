@@ -33,7 +33,7 @@ from flows.parameters import (
     run_mode,
     run_name,
 )
-from flows.runs import tag_flow_run
+from flows.runs import log_known_failures_once, tag_flow_run
 from tasks.attribution import attribute, choose_provider, journeys_to_send
 from tasks.comparison import compare_models_task, report_header
 from tasks.db import ensure_database, prepare_database_task, run_lock, scratch_directory
@@ -47,6 +47,8 @@ from tasks.summary import (
     raise_for_failed_conversions,
     summarize,
 )
+
+log_known_failures_once()
 
 
 def _run_name() -> str:

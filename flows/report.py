@@ -15,7 +15,7 @@ from prefect.states import Failed
 
 from config.errors import DatabaseError, PipelineError
 from flows.parameters import IsoDate, WindowDays, parse_parameters, run_name
-from flows.runs import tag_flow_run
+from flows.runs import log_known_failures_once, tag_flow_run
 from tasks.comparison import compare_models_task, report_header
 from tasks.db import prepare_database_task, run_lock, scratch_directory
 from tasks.export import read_channel_report
@@ -23,6 +23,8 @@ from tasks.journeys import build_journeys_task
 from tasks.sample_data import is_synthetic
 from tasks.sources import read_sources_task
 from tasks.summary import SUMMARY_ARTIFACT_KEY, model_disagreements
+
+log_known_failures_once()
 
 
 @flow(name="ihc-report", flow_run_name=lambda: "report only", validate_parameters=True)

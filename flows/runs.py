@@ -19,6 +19,8 @@ command-line run, or when the worker dies too. Two things end such runs here:
    followed by neither another one nor a final state within ``ZOMBIE_AFTER`` (9 minutes:
    three missed heartbeats). Automations run on a local ``prefect server start`` too.
    ``python -m flows.runs`` creates or updates it; ``--serve`` does so itself.
+
+And a run that fails for a known reason says so once: ``log_known_failures_once``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,35 @@ class LockHolder:
 
     def describe(self) -> str:
         return f"run '{self.flow_run_name}'" if self.flow_run_name else f"process {self.pid}"
+
+
+# What Prefect's run_flow logs, with the traceback, when the flow run it was asked the
+# result of ended Failed (prefect.flow_engine.run_flow).
+ENGINE_RERAISE = "Engine execution exited with unexpected exception"
+
+
+class _KnownFailureFilter(logging.Filter):
+    """Drops Prefect's ``ENGINE_RERAISE`` record when its exception is a ``PipelineError``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from config.errors import PipelineError
+
+        failure = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(failure, PipelineError) and record.msg == ENGINE_RERAISE)
+
+
+def log_known_failures_once() -> None:
+    """Keep the run's log to the one line the flow logs for a known failure.
+
+    Where a worker or ``serve`` runs a flow (``python -m prefect.engine``), Prefect asks
+    for the run's result at the end; for a Failed run that re-raises the run's exception,
+    and Prefect logs it to the run's log again, with a traceback, as an "unexpected
+    exception". For the failures of ``config.errors`` that record is dropped; any other
+    exception keeps it.
+    """
+    runs = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _KnownFailureFilter) for f in runs.filters):
+        runs.addFilter(_KnownFailureFilter())
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:

@@ -50,8 +50,8 @@ def report_header(
 def channel_costs(report: pl.DataFrame, start: date | None, end: date | None) -> pl.DataFrame:
     """Spend per channel over the report dates in the range (all dates without one)."""
     in_range = report.filter(
-        (pl.lit(start is None) | (pl.col("date") >= start))
-        & (pl.lit(end is None) | (pl.col("date") <= end))
+        pl.col("date") >= start if start is not None else pl.lit(True),
+        pl.col("date") <= end if end is not None else pl.lit(True),
     )
     return in_range.group_by("channel_name").agg(pl.col("cost").sum()).sort("channel_name")
 
@@ -101,7 +101,14 @@ def compare_models_task(
     frame = compare_models(journeys, ihc_rows, nulls, costs, models)
     out = settings.output.dir
     files = write_comparison(frame, out) if frame.height else []
-    files.append(write_html_report(report, frame, out / REPORT_HTML, title_info=title_info))
+    html = write_html_report(
+        report,
+        frame,
+        out / REPORT_HTML,
+        title_info=title_info,
+        cache_dir=settings.database.temp_dir,
+    )
+    files.append(html)
     get_run_logger().info(
         "Models compared (%s) and report written in %.1f s: %s",
         ", ".join(frame["model"].unique(maintain_order=True)) or "none",

@@ -55,9 +55,23 @@ table.about th { background: none; font-weight: 600; }
 
 
 @cache
-def _vega_bundle() -> str:
-    """Vega, Vega-Lite and Vega-Embed as one script (built once per process: 1–2 s)."""
-    return vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert())
+def _vega_bundle(cache_dir: Path | None) -> str:
+    """Vega, Vega-Lite and Vega-Embed as one script.
+
+    Building it takes 1–2 s, so it is kept in ``cache_dir`` (one file per vl-convert and
+    Vega-Lite version) and read from there by later runs.
+    """
+    vl_version = vl_version_for_vl_convert()
+    cached = (
+        cache_dir / f"vega-bundle-{vl_convert.__version__}-{vl_version}.js" if cache_dir else None
+    )
+    if cached is not None and cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    bundle = vl_convert.javascript_bundle(vl_version=vl_version)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(cached, lambda p: p.write_text(bundle, encoding="utf-8"))
+    return bundle
 
 
 def _eur(value: float | None) -> str:
@@ -276,7 +290,11 @@ def _script_json(value: object) -> str:
 
 
 def _render_page(
-    channel_report: pl.DataFrame, comparison: pl.DataFrame, *, title_info: dict[str, object]
+    channel_report: pl.DataFrame,
+    comparison: pl.DataFrame,
+    *,
+    title_info: dict[str, object],
+    cache_dir: Path | None,
 ) -> str:
     """The report page as text (see ``write_html_report``)."""
     totals = _channel_totals(channel_report)
@@ -336,7 +354,7 @@ def _render_page(
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Marketing attribution report</title>
 <style>{STYLE}</style>
-<script>{_vega_bundle()}</script>
+<script>{_vega_bundle(cache_dir)}</script>
 </head>
 <body>
 <header><h1>Marketing attribution report</h1><table class="about">{about}</table></header>
@@ -361,14 +379,15 @@ def write_html_report(
     path: Path,
     *,
     title_info: dict[str, object],
+    cache_dir: Path | None = None,
 ) -> Path:
     """Write the report page to ``path`` atomically.
 
     ``channel_report`` is the exported report (channel_name, date, cost, ihc, ihc_revenue,
     cpo, roas), ``comparison`` is ``tasks.models.compare_models``'s frame (may be empty),
     ``title_info`` the header's facts in display order (e.g. range, generated at,
-    provider, synthetic data).
+    provider, synthetic data); ``cache_dir`` keeps the Vega bundle between runs.
     """
-    page = _render_page(channel_report, comparison, title_info=title_info)
+    page = _render_page(channel_report, comparison, title_info=title_info, cache_dir=cache_dir)
     write_atomically(path, lambda p: p.write_text(page, encoding="utf-8"))
     return path

@@ -394,23 +394,17 @@ def test_a_run_with_conflicting_parameters_fails_with_one_clear_line(
     assert state is not None
     assert state.type == StateType.FAILED, worker.stdout + worker.stderr
     assert "give either window_days or start_date/end_date, not both" in (state.message or "")
-    # The flow logs the reason as one line. (Prefect's engine entry, which workers and
-    # --serve start, logs its own traceback after it: see ENGINE_TRACEBACK.)
+    # The flow logs the reason as one line, and nothing logs a traceback.
     log = worker.stdout + worker.stderr
     assert re.search(
         r"ERROR +\| Flow run 'invalid parameters' - give either .+, not both\n", log
     ), log
     assert "Encountered exception during execution" not in log
+    assert "Traceback" not in log
 
 
 MISSING_DB = "/nonexistent.db"
 MISSING_DB_REASON = f"database file not found: {MISSING_DB} (no sample data is made for it)"
-# Prefect 3.9's engine entry (`python -m prefect.engine`, which a process worker and
-# prefect.serve() start for each run) asks run_flow() for the flow's *result*: for a run
-# that ended Failed, run_flow re-raises the state's exception and logs it, with its
-# traceback, to the worker's output and the run's log. Whether the flow returns a Failed
-# state or raises, a run that ends Failed there gets it.
-ENGINE_TRACEBACK = "Engine execution exited with unexpected exception"
 
 
 def trigger(env: dict[str, str], deployment: str, *parameters: str) -> UUID:
@@ -460,9 +454,9 @@ def test_a_worker_run_failing_for_a_known_reason_states_it_in_one_line(
     for text in (output, text_of(logs)):
         assert "Encountered exception during execution" not in text
         assert "as crashed" not in text
-    # The only other error is Prefect 3.9's engine entry re-raising the Failed state
-    # (ENGINE_TRACEBACK; docs/operations.md): none of the flow's own code.
-    assert errors in ([MISSING_DB_REASON], [MISSING_DB_REASON, ENGINE_TRACEBACK]), errors
+        assert "exited with unexpected exception" not in text
+        assert "Traceback" not in text
+    assert errors == [MISSING_DB_REASON]
 
 
 @pytest.mark.slow

@@ -468,3 +468,25 @@ def test_a_range_without_sessions_or_spend_compares_nothing() -> None:
     assert frame["conversions"].to_list() == [0.0] * frame.height
     assert frame["share"].null_count() == frame.height
     assert frame["cpo"].null_count() == frame.height
+
+
+def test_model_costs_are_the_spend_of_the_range_session_dates() -> None:
+    from datetime import date
+
+    from tasks.comparison import channel_costs
+
+    report = pl.DataFrame(
+        {
+            "channel_name": ["A", "A", "B", "B"],
+            "date": [date(2023, 9, 1), date(2023, 9, 2), date(2023, 9, 2), date(2023, 9, 3)],
+            "cost": [1.0, 2.0, 4.0, 8.0],
+        }
+    )
+
+    def costs(start: date | None, end: date | None) -> list[tuple[str, float]]:
+        return channel_costs(report, start, end).rows()
+
+    assert costs(None, None) == [("A", 3.0), ("B", 12.0)]
+    assert costs(date(2023, 9, 2), None) == [("A", 2.0), ("B", 12.0)]
+    assert costs(None, date(2023, 9, 2)) == [("A", 3.0), ("B", 4.0)]
+    assert costs(date(2023, 9, 3), date(2023, 9, 3)) == [("B", 8.0)]

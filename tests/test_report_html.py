@@ -96,6 +96,33 @@ def test_an_empty_comparison_says_so(tmp_path: Path) -> None:
     assert text.count('class="chart"') == 3
 
 
+def test_later_runs_read_the_vega_bundle_from_the_cache_folder(tmp_path: Path) -> None:
+    from tasks import report_html
+
+    cache_dir = tmp_path / "cache"
+    first = write_html_report(
+        CHANNEL_REPORT,
+        comparison_rows(),
+        tmp_path / "a.html",
+        title_info=TITLE_INFO,
+        cache_dir=cache_dir,
+    ).read_text(encoding="utf-8")
+    (bundle,) = cache_dir.glob("vega-bundle-*.js")
+    assert bundle.read_text(encoding="utf-8") in first
+    # A later process (the per-process memo cleared) takes the file, not a new build.
+    bundle.write_text("/* from the cache */" + bundle.read_text(encoding="utf-8"))
+    report_html._vega_bundle.cache_clear()
+    second = write_html_report(
+        CHANNEL_REPORT,
+        comparison_rows(),
+        tmp_path / "b.html",
+        title_info=TITLE_INFO,
+        cache_dir=cache_dir,
+    ).read_text(encoding="utf-8")
+    assert "/* from the cache */" in second
+    assert [p.name for p in cache_dir.iterdir()] == [bundle.name]
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
