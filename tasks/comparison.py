@@ -69,7 +69,7 @@ def compare_models_task(
 ) -> Comparison:
     from tasks.models import compare_models, write_comparison
     from tasks.paths import last_conversion_times, null_paths
-    from tasks.report_html import write_html_report
+    from tasks.report_html import user_cache_dir, write_html_report
 
     started = time.perf_counter()
     models = settings.models
@@ -106,7 +106,7 @@ def compare_models_task(
         frame,
         out / REPORT_HTML,
         title_info=title_info,
-        cache_dir=settings.database.temp_dir,
+        cache_dir=user_cache_dir(),
     )
     files.append(html)
     get_run_logger().info(

@@ -18,8 +18,10 @@ silent:
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
+import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -54,23 +56,31 @@ table.about th { background: none; font-weight: 600; }
 """
 
 
+def user_cache_dir() -> Path:
+    """Where the report keeps files between runs: ``$XDG_CACHE_HOME/ihc-attribution``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ihc-attribution"
+
+
 @cache
 def _vega_bundle(cache_dir: Path | None) -> str:
     """Vega, Vega-Lite and Vega-Embed as one script.
 
     Building it takes 1–2 s, so it is kept in ``cache_dir`` (one file per vl-convert and
-    Vega-Lite version) and read from there by later runs.
+    Vega-Lite version) and read from there by later runs; a cache that cannot be read or
+    written is not used.
     """
     vl_version = vl_version_for_vl_convert()
     cached = (
         cache_dir / f"vega-bundle-{vl_convert.__version__}-{vl_version}.js" if cache_dir else None
     )
-    if cached is not None and cached.is_file():
-        return cached.read_text(encoding="utf-8")
+    with contextlib.suppress(OSError):
+        if cached is not None and cached.is_file():
+            return cached.read_text(encoding="utf-8")
     bundle = vl_convert.javascript_bundle(vl_version=vl_version)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(cached, lambda p: p.write_text(bundle, encoding="utf-8"))
+    with contextlib.suppress(OSError):
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(cached, lambda p: p.write_text(bundle, encoding="utf-8"))
     return bundle
 
 

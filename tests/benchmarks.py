@@ -85,11 +85,12 @@ def _peer_rows(db: Path) -> int:
 
 def _flow_journey_path(db: Path, settings: Any) -> tuple[dict[str, float], Any]:
     """What the flow runs from the database file to the journeys frame, step by step."""
-    from tasks.db import connect, sql, sqlite_reader
+    from tasks.db import connect, sqlite_reader
     from tasks.journeys import build_journeys
     from tasks.sources import (
         _duplicates,
         _read_conversions,
+        _source_views,
         check_session_rows,
         conversions_in_range,
         lookup_session_rows,
@@ -107,7 +108,7 @@ def _flow_journey_path(db: Path, settings: Any) -> tuple[dict[str, float], Any]:
     try:
         conversions, _, _ = _read_conversions(con, settings.quality.max_examples)
         step("conversions_s")
-        con.execute(sql("source_views"))
+        _source_views(con)
         duplicated = _duplicates(con, reader, "session_sources", "duplicated_sessions")
         users = conversions_in_range(conversions, None, None)["user_id"].unique().to_list()
         rows = lookup_session_rows(reader, "user_id", users)

@@ -123,6 +123,24 @@ def test_later_runs_read_the_vega_bundle_from_the_cache_folder(tmp_path: Path) -
     assert [p.name for p in cache_dir.iterdir()] == [bundle.name]
 
 
+def test_a_cache_folder_that_cannot_be_written_does_not_stop_the_report(tmp_path: Path) -> None:
+    from tasks import report_html
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    report_html._vega_bundle.cache_clear()
+    text = write_html_report(
+        CHANNEL_REPORT,
+        comparison_rows(),
+        tmp_path / "report.html",
+        title_info=TITLE_INFO,
+        cache_dir=blocked / "cache",
+    ).read_text(encoding="utf-8")
+    # The bundle built on the spot is in the page; the file in the way is untouched.
+    assert report_html._vega_bundle(None) in text
+    assert blocked.read_text() == "not a folder"
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
