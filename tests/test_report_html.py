@@ -96,48 +96,36 @@ def test_an_empty_comparison_says_so(tmp_path: Path) -> None:
     assert text.count('class="chart"') == 3
 
 
-def test_later_runs_read_the_vega_bundle_from_the_cache_folder(tmp_path: Path) -> None:
+def page_with_cache(path: Path, cache_dir: Path) -> str:
+    """A new process's page: the per-process memo of the bundle cleared first."""
     from tasks import report_html
 
+    report_html._vega_bundle.cache_clear()
+    page = write_html_report(
+        CHANNEL_REPORT, comparison_rows(), path, title_info=TITLE_INFO, cache_dir=cache_dir
+    )
+    return page.read_text(encoding="utf-8")
+
+
+def test_later_runs_read_the_vega_bundle_from_the_cache_folder(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
-    first = write_html_report(
-        CHANNEL_REPORT,
-        comparison_rows(),
-        tmp_path / "a.html",
-        title_info=TITLE_INFO,
-        cache_dir=cache_dir,
-    ).read_text(encoding="utf-8")
+    first = page_with_cache(tmp_path / "a.html", cache_dir)
     (bundle,) = cache_dir.glob("vega-bundle-*.js")
     assert bundle.read_text(encoding="utf-8") in first
-    # A later process (the per-process memo cleared) takes the file, not a new build.
+    # A later run takes the file, not a new build.
     bundle.write_text("/* from the cache */" + bundle.read_text(encoding="utf-8"))
-    report_html._vega_bundle.cache_clear()
-    second = write_html_report(
-        CHANNEL_REPORT,
-        comparison_rows(),
-        tmp_path / "b.html",
-        title_info=TITLE_INFO,
-        cache_dir=cache_dir,
-    ).read_text(encoding="utf-8")
-    assert "/* from the cache */" in second
+    assert "/* from the cache */" in page_with_cache(tmp_path / "b.html", cache_dir)
     assert [p.name for p in cache_dir.iterdir()] == [bundle.name]
 
 
 def test_a_cache_folder_that_cannot_be_written_does_not_stop_the_report(tmp_path: Path) -> None:
-    from tasks import report_html
+    from tasks.report_html import _vega_bundle
 
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    report_html._vega_bundle.cache_clear()
-    text = write_html_report(
-        CHANNEL_REPORT,
-        comparison_rows(),
-        tmp_path / "report.html",
-        title_info=TITLE_INFO,
-        cache_dir=blocked / "cache",
-    ).read_text(encoding="utf-8")
+    text = page_with_cache(tmp_path / "report.html", blocked / "cache")
     # The bundle built on the spot is in the page; the file in the way is untouched.
-    assert report_html._vega_bundle(None) in text
+    assert _vega_bundle(None) in text
     assert blocked.read_text() == "not a folder"
 
 
