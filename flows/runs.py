@@ -104,7 +104,8 @@ def log_known_failures_once() -> None:
         runs.addFilter(_KnownFailureFilter())
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger, or this module's outside a run."""
     from prefect import get_run_logger
     from prefect.exceptions import MissingContextError
 
@@ -140,11 +141,13 @@ def crash_abandoned_run(abandoned: LockHolder, found_by: LockHolder, db: Path) -
     except ObjectNotFound:
         return False  # a run of another Prefect server or database
     except Exception as exc:  # bookkeeping must not fail the run
-        _logger().warning("Could not check %s named in %s.lock: %s", abandoned.describe(), db, exc)
+        run_logger().warning(
+            "Could not check %s named in %s.lock: %s", abandoned.describe(), db, exc
+        )
         return False
     marked = result.status == SetStateStatus.ACCEPT
     if marked:
-        _logger().warning(
+        run_logger().warning(
             "%s (pid %s) ended without reporting while it held %s (killed?): marked it Crashed",
             abandoned.describe().capitalize(),
             abandoned.pid,

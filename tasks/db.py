@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from config.errors import DatabaseError, RunLockedError
 from config.settings import DatabaseSettings, Settings
-from flows.runs import LockHolder, crash_abandoned_run
+from flows.runs import LockHolder, crash_abandoned_run, run_logger
 
 SOURCE_ALIAS = "src"
 SQL_DIR = Path(__file__).parent / "sql"
@@ -148,8 +148,8 @@ def run_lock(db_path: Path, timeout_s: float = 0.0) -> Iterator[None]:
     lock_path = db_path.with_name(db_path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     handle = lock_path.open("a+")
-    deadline = time.monotonic() + timeout_s
-    locked = False
+    started = time.monotonic()
+    waited = locked = False
     try:
         while True:
             try:
@@ -157,12 +157,26 @@ def run_lock(db_path: Path, timeout_s: float = 0.0) -> Iterator[None]:
                 locked = True
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= started + timeout_s:
                     raise RunLockedError(
                         f"another attribution run is using {db_path} (lock {lock_path}); "
                         "wait for it to finish or raise database.lock_timeout_s"
                     ) from None
+                if not waited:
+                    handle.seek(0)
+                    holder = LockHolder.parse(handle.read())
+                    run_logger().info(
+                        "%s is using %s: waiting up to %g s for it (database.lock_timeout_s)",
+                        holder.describe() if holder else "another run",
+                        db_path,
+                        timeout_s,
+                    )
+                    waited = True
                 time.sleep(0.2)
+        if waited:
+            run_logger().info(
+                "Took the lock on %s after %.1f s", db_path, time.monotonic() - started
+            )
         handle.seek(0)
         abandoned = LockHolder.parse(handle.read())
         holder = LockHolder.this_process()

@@ -5,6 +5,7 @@ the file makes the commit fail cleanly; the data stays what one clean run leaves
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import sqlite3
 import time
@@ -120,10 +121,15 @@ def test_with_a_lock_timeout_the_second_run_waits_then_finds_everything_done(
     env = slow_api_env(tmp_path, server, ihc_api_key, ATTRIBUTION_DATABASE__LOCK_TIMEOUT_S="120")
     with two_runs(db, tmp_path, env, server) as (first, second):
         finished = first.wait()
-        assert second.running(), "the second run did not wait for the first"
         waited = second.wait()
     assert finished.returncode == 0, finished.output
     assert waited.returncode == 0, waited.output
+    # It said whom it waited for, and took the lock only after the first let go of it.
+    first_run = re.search(r"Beginning flow run '([^']+)'", finished.output)
+    assert first_run, finished.output
+    assert f"run '{first_run[1]}' is using {db}: waiting up to 120 s" in waited.output
+    took = re.search(r"Took the lock on .+ after ([\d.]+) s", waited.output)
+    assert took and float(took[1]) > 0.5, waited.output
     counts = summary_counts(waited.output)
     assert counts["sent"] == 0 and counts["requests"] == 0
     assert len(server.stats.log) == summary_counts(finished.output)["requests"]
