@@ -81,27 +81,32 @@ ENGINE_RERAISE = "Engine execution exited with unexpected exception"
 
 
 class _KnownFailureFilter(logging.Filter):
-    """Drops Prefect's ``ENGINE_RERAISE`` record when its exception is a ``PipelineError``."""
+    """No traceback in the run's log for a failure of ``config.errors``.
+
+    Prefect's task engine logs a task's exception with its traceback ("Task run failed
+    with exception: …"): the line stays, without the traceback. Its flow engine, where a
+    worker or ``serve`` runs the flow, logs the Failed run's exception once more as an
+    "unexpected exception": that record is dropped. The flow logs the reason itself.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         from config.errors import PipelineError
 
-        failure = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(failure, PipelineError) and record.msg == ENGINE_RERAISE)
+        if not (record.exc_info and isinstance(record.exc_info[1], PipelineError)):
+            return True
+        if record.msg == ENGINE_RERAISE:
+            return False
+        record.exc_info = record.exc_text = None
+        return True
 
 
 def log_known_failures_once() -> None:
-    """Keep the run's log to the one line the flow logs for a known failure.
-
-    Where a worker or ``serve`` runs a flow (``python -m prefect.engine``), Prefect asks
-    for the run's result at the end; for a Failed run that re-raises the run's exception,
-    and Prefect logs it to the run's log again, with a traceback, as an "unexpected
-    exception". For the failures of ``config.errors`` that record is dropped; any other
-    exception keeps it.
-    """
-    runs = logging.getLogger("prefect.flow_runs")
-    if not any(isinstance(f, _KnownFailureFilter) for f in runs.filters):
-        runs.addFilter(_KnownFailureFilter())
+    """Keep tracebacks out of the run's log for known failures (see ``_KnownFailureFilter``);
+    any other exception keeps its traceback."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        runs = logging.getLogger(name)
+        if not any(isinstance(f, _KnownFailureFilter) for f in runs.filters):
+            runs.addFilter(_KnownFailureFilter())
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -194,14 +194,16 @@ def attribute_with_api_task(
         logger.info("IHC API batch cache: %d expired answer(s) deleted", pruned)
     api = attribute_journeys(journeys, settings, api_key, cache=cache, on_progress=show, log=logger)
     stats = api.stats
+    # e.g. "3 retries (http_503: 2, timeout: 1)", or "0 retries".
+    reasons = ", ".join(f"{kind}: {count}" for kind, count in sorted(stats.retry_reasons.items()))
     logger.info(
-        "IHC API done: %d conversions in %d batches, %d requests, %d retries %s, "
+        "IHC API done: %d conversions in %d batches, %d requests, %d retries%s, "
         "%d cache hits, %d failed conversions, %d truncated journeys, %.1f s",
         stats.conversions_sent,
         stats.batches,
         stats.requests,
         stats.retries,
-        dict(stats.retry_reasons),
+        f" ({reasons})" if reasons else "",
         stats.cache_hits,
         stats.failed_conversions,
         stats.truncated_journeys,

@@ -29,7 +29,8 @@ _SUMMARY = re.compile(
 )
 _API_DONE = re.compile(
     r"IHC API done: (?P<conversions>\d+) conversions in (?P<batches>\d+) batches, "
-    r"(?P<requests>\d+) requests, (?P<retries>\d+) retries .*?, (?P<cache_hits>\d+) cache hits"
+    r"(?P<requests>\d+) requests, (?P<retries>\d+) retries(?: \([^)]*\))?, "
+    r"(?P<cache_hits>\d+) cache hits"
 )
 
 

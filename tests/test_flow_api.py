@@ -108,12 +108,31 @@ def test_partial_failures_fail_the_run_and_the_next_run_completes_the_rest(
     assert not failed_file.exists()
 
 
+def test_the_log_says_how_many_requests_were_retried_and_why(
+    sample_db: Path,
+    tmp_path: Path,
+    api_env: Callable[..., ServerHandle],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = tmp_path / "retried.db"
+    shutil.copy(sample_db, db)
+    server = api_env(script=("503",))  # every request's first attempt: 503
+    summary = attribution_flow(db_path=str(db), output_dir=str(tmp_path / "o"))
+    batches = server.stats.requests // 2
+    assert summary["retries"] == batches > 0
+    assert (
+        f"{2 * batches} requests, {batches} retries (http_503: {batches}), 0 cache hits"
+        in caplog.text
+    )
+
+
 def test_rejected_key_stops_the_run_without_showing_it(
     sample_db: Path,
     tmp_path: Path,
     api_env: Callable[..., ServerHandle],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     db = tmp_path / "key.db"
     shutil.copy(sample_db, db)
@@ -125,6 +144,8 @@ def test_rejected_key_stops_the_run_without_showing_it(
     assert code == 1
     assert "rejected the API key" in captured.err
     assert wrong not in captured.err + captured.out
+    # A known failure: one line from the flow, no traceback from the task that raised it.
+    assert "Traceback" not in captured.err + captured.out + caplog.text
     assert table_rows(db, "attribution_customer_journey") == []
 
 
