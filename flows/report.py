@@ -13,14 +13,13 @@ from prefect import State, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 
-from config.errors import DatabaseError, PipelineError
+from config.errors import PipelineError
 from flows.parameters import IsoDate, WindowDays, parse_parameters, run_name
 from flows.runs import log_known_failures_once, tag_flow_run
 from tasks.comparison import compare_models_task, report_header
-from tasks.db import prepare_database_task, run_lock, scratch_directory
+from tasks.db import ensure_database, prepare_database_task, run_lock, scratch_directory
 from tasks.export import read_channel_report
 from tasks.journeys import build_journeys_task
-from tasks.sample_data import is_synthetic
 from tasks.sources import read_sources_task
 from tasks.summary import SUMMARY_ARTIFACT_KEY, model_disagreements
 
@@ -52,8 +51,7 @@ def report_flow(
         start, end = params.date_range()
         tag_flow_run("attribution", "mode:report")
         db, database = settings.database.path, settings.database
-        if not db.exists():
-            raise DatabaseError(f"database file not found: {db}")
+        synthetic = ensure_database(settings, explicit=True)  # never makes one here
         with run_lock(db, database.lock_timeout_s), scratch_directory(database):
             prepare_database_task(db, database.schema_path)
             sources = read_sources_task(
@@ -61,16 +59,19 @@ def report_flow(
             )
             journey_set = build_journeys_task(sources, start, end, settings.journeys)
         report = read_channel_report(db)
-        header = report_header(start, end, "stored", is_synthetic(db))
+        header = report_header(start, end, "stored", synthetic)
         comparison = compare_models_task(
             db, sources, journey_set, report, start, end, settings, header
         )
-        lines = [f"# Report rebuilt: {run_name(params)}", "", "Files:", ""]
+        lines = [f"# Report rebuilt: {run_name(params)}", ""]
+        if synthetic:
+            lines += ["**SYNTHETIC sample data**: not based on real data.", ""]
+        lines += ["Files:", ""]
         lines += [f"- [{path.name}]({path.resolve().as_uri()})" for path in comparison.files]
         if disagreements := model_disagreements(comparison.frame):
             lines += ["", "Where the models disagree most:", "", *map("- {}".format, disagreements)]
         create_markdown_artifact(key=SUMMARY_ARTIFACT_KEY, markdown="\n".join(lines) + "\n")
-        return {"files": [str(path) for path in comparison.files]}
+        return {"files": [str(path) for path in comparison.files], "synthetic_data": synthetic}
     except PipelineError as exc:
         get_run_logger().error("%s", exc)
         return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)

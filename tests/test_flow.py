@@ -17,6 +17,7 @@ from polars.testing import assert_frame_equal
 from config.settings import PROJECT_ROOT
 from flows.attribution import attribution_flow
 from flows.cli import main
+from flows.report import report_flow
 from tasks.sample_data import generate_sample_database
 from tests.helpers import build_db, build_db_missing_columns, table_rows
 
@@ -246,6 +247,11 @@ def test_missing_configured_database_is_created_with_synthetic_data(
     assert again["attributed_conversions"] == 0
     assert "holds SYNTHETIC sample data" in caplog.text
     assert again["files"] and (tmp_path / "out" / "report.html").exists()
+    # So does a report rebuilt from what is stored.
+    caplog.clear()
+    rebuilt = report_flow(output_dir=str(tmp_path / "out"))
+    assert rebuilt["synthetic_data"] is True
+    assert "holds SYNTHETIC sample data" in caplog.text
 
 
 def test_a_hand_made_database_is_not_called_synthetic(known_db: Path, tmp_path: Path) -> None:
