@@ -22,6 +22,30 @@ QUARANTINE_CSV = "quarantine.csv"
 FAILED_CSV = "failed_conversions.csv"
 
 
+def with_cpo_roas(
+    frame: pl.DataFrame, orders: str = "ihc", revenue: str = "ihc_revenue"
+) -> pl.DataFrame:
+    """``frame`` with cpo = cost / ``orders`` and roas = ``revenue`` / cost, NULL where
+    the denominator is 0: the one place the rule is written."""
+    return frame.with_columns(
+        cpo=pl.when(pl.col(orders) != 0).then(pl.col("cost") / pl.col(orders)),
+        roas=pl.when(pl.col("cost") != 0).then(pl.col(revenue) / pl.col("cost")),
+    )
+
+
+def report_totals(report: pl.DataFrame, by: str) -> pl.DataFrame:
+    """The channel report summed per ``by`` (channel_name or date), with cpo and roas
+    computed from the sums, never averaged from the rows' ratios."""
+    return with_cpo_roas(report.group_by(by).agg(pl.col("cost", "ihc", "ihc_revenue").sum()))
+
+
+def channel_totals(report: pl.DataFrame) -> pl.DataFrame:
+    """The report per channel (cost, ihc, ihc_revenue, cpo, roas), by spend, highest first."""
+    return report_totals(report, "channel_name").sort(
+        ["cost", "channel_name"], descending=[True, False]
+    )
+
+
 def read_channel_report(db_path: Path) -> pl.DataFrame:
     """The whole channel_reporting table with ``cpo`` and ``roas``.
 
@@ -40,10 +64,7 @@ def read_channel_report(db_path: Path) -> pl.DataFrame:
         pl.col("date").str.to_date("%Y-%m-%d"),
         pl.col("cost", "ihc", "ihc_revenue").cast(pl.Float64),
     )
-    return frame.with_columns(
-        cpo=pl.when(pl.col("ihc") != 0).then(pl.col("cost") / pl.col("ihc")),
-        roas=pl.when(pl.col("cost") != 0).then(pl.col("ihc_revenue") / pl.col("cost")),
-    ).sort("channel_name", "date")
+    return with_cpo_roas(frame).sort("channel_name", "date")
 
 
 # A temporary file this old is a killed writer's, not one still being written.

@@ -42,7 +42,7 @@ import polars as pl
 from scipy import sparse
 
 from config.settings import MODEL_NAMES, ModelsSettings
-from tasks.export import write_atomically
+from tasks.export import with_cpo_roas, write_atomically
 from tasks.paths import conversion_paths, distinct_paths
 
 COMPARISON_CSV = "model_comparison.csv"
@@ -503,10 +503,7 @@ def compare_models(
         pl.concat(frames)
         .join(costs, on="channel_name", how="left")
         .with_columns(pl.col("cost").fill_null(0.0))
-        .with_columns(
-            cpo=pl.when(pl.col("conversions") != 0).then(pl.col("cost") / pl.col("conversions")),
-            roas=pl.when(pl.col("cost") != 0).then(pl.col("revenue") / pl.col("cost")),
-        )
+        .pipe(with_cpo_roas, orders="conversions", revenue="revenue")
         .with_columns(order=pl.col("model").replace_strict(names, range(len(names))))
         .sort("order", "channel_name")
         .select(list(COMPARISON_SCHEMA))

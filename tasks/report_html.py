@@ -32,7 +32,7 @@ import polars as pl
 import vl_convert
 from altair.utils._importers import vl_version_for_vl_convert
 
-from tasks.export import write_atomically
+from tasks.export import channel_totals, report_totals, write_atomically
 
 SPEND = "Spend"
 REVENUE = "Attributed revenue"
@@ -115,25 +115,6 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[object]], numeric_fro
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _ratios(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.with_columns(
-        cpo=pl.when(pl.col("ihc") != 0).then(pl.col("cost") / pl.col("ihc")),
-        roas=pl.when(pl.col("cost") != 0).then(pl.col("ihc_revenue") / pl.col("cost")),
-    )
-
-
-def _channel_totals(channel_report: pl.DataFrame) -> pl.DataFrame:
-    """Per channel over the report: cost, ihc, ihc_revenue, cpo, roas; by spend, highest first."""
-    totals = channel_report.group_by("channel_name").agg(pl.col("cost", "ihc", "ihc_revenue").sum())
-    return _ratios(totals).sort(["cost", "channel_name"], descending=[True, False])
-
-
-def _daily_totals(channel_report: pl.DataFrame) -> pl.DataFrame:
-    """Per day over all channels: cost, ihc, ihc_revenue, cpo, roas."""
-    totals = channel_report.group_by("date").agg(pl.col("cost", "ihc", "ihc_revenue").sum())
-    return _ratios(totals).sort("date")
 
 
 def _spend_revenue_section(totals: pl.DataFrame, order: list[str]) -> tuple[str, alt.Chart]:
@@ -307,7 +288,7 @@ def _render_page(
     cache_dir: Path | None,
 ) -> str:
     """The report page as text (see ``write_html_report``)."""
-    totals = _channel_totals(channel_report)
+    totals = channel_totals(channel_report)
     order = totals["channel_name"].to_list()
     order += sorted(set(comparison["channel_name"].to_list()) - set(order))
     sections: list[str] = []
@@ -342,7 +323,7 @@ def _render_page(
         "Daily spend and attributed revenue",
         "Spend and IHC-attributed revenue of all channels per day (UTC, by session date); "
         "a gap that widens or closes shows the return changing over time.",
-        _daily_section(_daily_totals(channel_report)) if has_report else None,
+        _daily_section(report_totals(channel_report, "date").sort("date")) if has_report else None,
         "The channel report has no rows.",
     )
     add(

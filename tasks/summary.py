@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from config.errors import AttributionRunError, PipelineError
 from tasks.attribution import AttributionOutcome
-from tasks.export import FAILED_CSV
+from tasks.export import FAILED_CSV, channel_totals
 from tasks.journeys import JourneySet
 from tasks.sources import Sources
 
@@ -199,19 +199,6 @@ class RunSummary:
 
 def _link(path: str) -> str:
     return Path(path).resolve().as_uri()
-
-
-def channel_totals(report: pl.DataFrame) -> pl.DataFrame:
-    """The report per channel, sorted by spend: cost, ihc, ihc_revenue, cpo, roas."""
-    return (
-        report.group_by("channel_name")
-        .agg(pl.col("cost", "ihc", "ihc_revenue").sum())
-        .with_columns(
-            cpo=pl.when(pl.col("ihc") != 0).then(pl.col("cost") / pl.col("ihc")),
-            roas=pl.when(pl.col("cost") != 0).then(pl.col("ihc_revenue") / pl.col("cost")),
-        )
-        .sort(["cost", "channel_name"], descending=[True, False])
-    )
 
 
 def model_disagreements(comparison: pl.DataFrame, shown: int = DISAGREEMENTS_SHOWN) -> list[str]:
