@@ -34,10 +34,13 @@ WindowDays = Annotated[int, Field(ge=1, le=3660)]
 def _calendar_date(value: object, info: ValidationInfo) -> object:
     if not isinstance(value, str):
         return value
+    problem = ValueError(f"{info.field_name} {value} is not a calendar date (YYYY-MM-DD)")
+    if len(value) != 10:  # fromisoformat would also take 20230901 or 2023-W35-1
+        raise problem
     try:
-        return date.fromisoformat(value) if len(value) == 10 else date.fromisoformat("x")
+        return date.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"{info.field_name} {value} is not a calendar date (YYYY-MM-DD)") from None
+        raise problem from None
 
 
 class RunParameters(BaseModel):

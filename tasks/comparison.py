@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from config.settings import Settings
 from tasks.db import connect, sql
 from tasks.journeys import JourneySet
-from tasks.sources import Sources
+from tasks.sources import Sources, in_date_range
 
 REPORT_HTML = "report.html"
 
@@ -49,10 +49,7 @@ def report_header(
 
 def channel_costs(report: pl.DataFrame, start: date | None, end: date | None) -> pl.DataFrame:
     """Spend per channel over the report dates in the range (all dates without one)."""
-    in_range = report.filter(
-        pl.col("date") >= start if start is not None else pl.lit(True),
-        pl.col("date") <= end if end is not None else pl.lit(True),
-    )
+    in_range = report.filter(in_date_range("date", start, end))
     return in_range.group_by("channel_name").agg(pl.col("cost").sum()).sort("channel_name")
 
 

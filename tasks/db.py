@@ -163,8 +163,7 @@ def run_lock(db_path: Path, timeout_s: float = 0.0) -> Iterator[None]:
                         "wait for it to finish or raise database.lock_timeout_s"
                     ) from None
                 if not waited:
-                    handle.seek(0)
-                    holder = LockHolder.parse(handle.read())
+                    holder = _lock_holder(handle)
                     run_logger().info(
                         "%s is using %s: waiting up to %g s for it (database.lock_timeout_s)",
                         holder.describe() if holder else "another run",
@@ -177,8 +176,7 @@ def run_lock(db_path: Path, timeout_s: float = 0.0) -> Iterator[None]:
             run_logger().info(
                 "Took the lock on %s after %.1f s", db_path, time.monotonic() - started
             )
-        handle.seek(0)
-        abandoned = LockHolder.parse(handle.read())
+        abandoned = _lock_holder(handle)
         holder = LockHolder.this_process()
         _name_lock_holder(handle, holder.dumps())
         if abandoned is not None:
@@ -188,6 +186,11 @@ def run_lock(db_path: Path, timeout_s: float = 0.0) -> Iterator[None]:
         if locked:
             _name_lock_holder(handle, "")
         handle.close()
+
+
+def _lock_holder(handle: IO[str]) -> LockHolder | None:
+    handle.seek(0)
+    return LockHolder.parse(handle.read())
 
 
 def _name_lock_holder(handle: IO[str], text: str) -> None:
@@ -266,13 +269,19 @@ _INDEXES = {
 }
 
 
+def table_indexes(con: sqlite3.Connection, table: str) -> list[tuple[bool, tuple[str, ...]]]:
+    """(unique, its columns in order) of each index of ``table``, keys' indexes included."""
+    indexes = con.execute('SELECT name, "unique" FROM pragma_index_list(?)', [table]).fetchall()
+    info = "SELECT name FROM pragma_index_info(?) ORDER BY seqno"
+    return [
+        (bool(unique), tuple(column for (column,) in con.execute(info, [name])))
+        for name, unique in indexes
+    ]
+
+
 def _index_missing(con: sqlite3.Connection, column: str) -> bool:
     """Whether no index of session_sources starts with ``column``."""
-    for (index,) in con.execute("SELECT name FROM pragma_index_list('session_sources')"):
-        first = con.execute("SELECT name FROM pragma_index_info(?) WHERE seqno = 0", [index])
-        if first.fetchone() == (column,):
-            return False
-    return True
+    return all(columns[:1] != (column,) for _, columns in table_indexes(con, "session_sources"))
 
 
 _HEADER_BLOCK = re.compile(r'("""|\'\'\').*?\1', re.DOTALL)

@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from config.errors import InvalidSourceRows
 from config.settings import DatabaseSettings, QualitySettings
-from tasks.db import SOURCE_COLUMNS, connect, sql, sqlite_reader
+from tasks.db import SOURCE_COLUMNS, connect, sql, sqlite_reader, table_indexes
 
 SESSION_COLUMNS = SOURCE_COLUMNS["session_sources"]
 _ID_SCHEMA = pl.Schema({"session_id": pl.String})
@@ -40,16 +40,21 @@ JOIN_BYTES_PER_SESSION = 40
 _DAY_COSTS = pl.Schema({"channel_name": pl.String, "date": pl.Date, "cost": pl.Float64})
 
 
+def in_date_range(column: str, start_date: date | None, end_date: date | None) -> pl.Expr:
+    """Whether ``column`` (a date) lies in the inclusive range (open ends allowed)."""
+    condition = pl.lit(True)
+    if start_date is not None:
+        condition &= pl.col(column) >= start_date
+    if end_date is not None:
+        condition &= pl.col(column) <= end_date
+    return condition
+
+
 def conversions_in_range(
     conversions: pl.DataFrame, start_date: date | None, end_date: date | None
 ) -> pl.DataFrame:
     """Conversions whose ``conv_date`` lies in the inclusive range (open ends allowed)."""
-    condition = pl.lit(True)
-    if start_date is not None:
-        condition &= pl.col("conv_day") >= start_date
-    if end_date is not None:
-        condition &= pl.col("conv_day") <= end_date
-    return conversions.filter(condition)
+    return conversions.filter(in_date_range("conv_day", start_date, end_date))
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,8 @@ class Sources:
 
 def _unique_session_id(reader: sqlite3.Connection, table: str) -> bool:
     """Whether SQLite guarantees session_id is unique in ``table`` (a key or unique index)."""
-    indexes = reader.execute('SELECT name FROM pragma_index_list(?) WHERE "unique"', [table])
     return any(
-        reader.execute("SELECT name FROM pragma_index_info(?)", [index]).fetchall()
-        == [("session_id",)]
-        for (index,) in indexes.fetchall()
+        unique and columns == ("session_id",) for unique, columns in table_indexes(reader, table)
     )
 
 

@@ -446,16 +446,7 @@ def test_write_comparison(tmp_path: Path) -> None:
 
 
 def test_a_range_without_sessions_or_spend_compares_nothing() -> None:
-    journeys = pl.DataFrame(
-        schema={
-            "conversion_id": pl.String,
-            "session_id": pl.String,
-            "timestamp": pl.Datetime("us"),
-            "channel_label": pl.String,
-            "revenue": pl.Float64,
-            "conversion_timestamp": pl.Datetime("us"),
-        }
-    )
+    journeys = pl.DataFrame(schema=JOURNEY_SCHEMA)
     ihc = pl.DataFrame(
         schema={"conversion_id": pl.String, "session_id": pl.String, "ihc": pl.Float64}
     )
